@@ -1,0 +1,28 @@
+# The two commands a new user runs (see README):  make test   |   make demo
+# Everything they need is installed here: a virtualenv with the project and its extras,
+# and the Debian packages the tests use when the machine lacks them.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo bench lint setup clean
+
+$(STAMP): pyproject.toml
+	@bash .ci/setup-system
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pools registry schemas tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""pgregistry pools (placeholder)."""

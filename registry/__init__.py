@@ -1,0 +1,1 @@
+"""pgregistry: the registry of named pools (to come)."""

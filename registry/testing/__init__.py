@@ -1,0 +1,1 @@
+"""Real-server test harness: local PostgreSQL clusters and a loopback DNS server."""

@@ -1,0 +1,1 @@
+"""pgregistry: schemas of the YAML file (to come)."""
