@@ -1,0 +1,63 @@
+"""The pool's record of one connection."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import psycopg2.extensions
+
+__all__ = ["Entry", "IDLE", "IN_USE", "RETURNING", "CLOSED"]
+
+# States. Maintenance only ever touches IDLE entries, and takes them out of the idle queue
+# (under the pool's lock) before closing them, so it never races a checkout.
+IDLE = 0  # in the idle queue; the pool holds the connection
+IN_USE = 1  # checked out; the pool holds only a weak reference
+RETURNING = 2  # being returned (rolled back, checked) by putconn
+CLOSED = 3  # gone from the pool
+
+
+class Entry:
+    """One pooled connection: where it goes, when it was made, when it expires, its state."""
+
+    __slots__ = (
+        "conn",
+        "wref",
+        "key",
+        "address",
+        "created_at",
+        "expires_at",
+        "last_used_at",
+        "checked_out_at",
+        "state",
+        "doom_reason",
+        "backend_pid",
+    )
+
+    def __init__(
+        self,
+        conn: psycopg2.extensions.connection,
+        *,
+        address: str,
+        created_at: float,
+        expires_at: float,
+        on_lost: Any,
+    ) -> None:
+        self.conn: psycopg2.extensions.connection | None = conn
+        # The weak reference lives as long as the entry: when a checked-out connection is
+        # garbage-collected, ``on_lost`` gets the weakref (see ConnectionPool._lost).
+        self.wref = weakref.ref(conn, on_lost)
+        self.key = id(conn)
+        self.address = address
+        self.created_at = created_at
+        self.expires_at = expires_at
+        self.last_used_at = created_at
+        self.checked_out_at = 0.0
+        self.state = IDLE
+        # A reason to close the connection when it comes back (soft expiry, drain, DNS change).
+        self.doom_reason: str | None = None
+        self.backend_pid = conn.info.backend_pid
+
+    def __repr__(self) -> str:
+        state = ("idle", "in use", "returning", "closed")[self.state]
+        return f"<Entry pid={self.backend_pid} {self.address} {state}>"

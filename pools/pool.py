@@ -1,0 +1,914 @@
+"""ConnectionPool: a thread-safe pool of psycopg2 connections.
+
+All mutable state sits behind one lock, ``_lock``, held for bookkeeping only: connections are
+opened, pinged, rolled back and closed outside it. A caller that finds nothing idle opens a
+connection itself while the pool is below ``maxconn``; at ``maxconn`` it waits in a fair FIFO
+queue, and a returned connection (or a freed slot) goes straight to the oldest waiter. Each
+waiter has its own condition on the pool's lock, so a handoff and a timeout can never both
+happen: a waiter that timed out either got its connection first or leaves the queue empty-handed.
+
+Maintenance (prewarm, idle reaping, lifetime expiry) runs on the process's one supervisor thread
+through ``_maintain(now)``; getconn/putconn never wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from .clock import REAL_CLOCK, Clock
+from .connector import Connector
+from .entry import CLOSED, IDLE, IN_USE, RETURNING, Entry
+from .errors import (
+    BadConnectionError,
+    ConnectError,
+    PoolClosed,
+    PoolError,
+    PoolTimeout,
+    PoolTooManyWaiters,
+)
+from .supervisor import Supervisor, get_supervisor
+
+__all__ = ["ConnectionPool"]
+
+logger = logging.getLogger(__name__)
+
+Connection = ext.connection
+
+_TX_IDLE = ext.TRANSACTION_STATUS_IDLE
+_TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
+_TX_INERROR = ext.TRANSACTION_STATUS_INERROR
+
+RECHECK_INTERVAL_S = 60.0  # maintenance looks at every pool at least this often
+_pool_counter = iter(range(1, 1 << 62))
+
+# Close reasons that mean something went wrong (logged as warnings); the others are routine.
+_WARN_REASONS = frozenset({"broken", "validation", "garbage_collected", "reset_failed"})
+
+
+class _Waiter:
+    """A caller waiting for a connection. Given, under the pool's lock, exactly one of: a
+    connection, a permit to open one (a slot already counted in ``size``), or an error."""
+
+    __slots__ = ("cond", "conn", "permit", "error")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.cond = threading.Condition(lock)
+        self.conn: Connection | None = None
+        self.permit = False
+        self.error: PoolError | None = None
+
+
+class _Checkout:
+    """``with pool.conn() as conn``: returns the connection on exit (rolled back if a
+    transaction is open; discarded if the exception broke it)."""
+
+    __slots__ = ("_pool", "_timeout", "_conn")
+
+    def __init__(self, pool: ConnectionPool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        self._conn = conn = self._pool.getconn(self._timeout)
+        return conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool.putconn(conn)
+
+
+class ConnectionPool:
+    """A pool of psycopg2 connections.
+
+    The first seven parameters are those of psycopg2_pool2's ``ConnectionPool`` (in its order);
+    everything else is keyword-only. Unknown keywords are libpq connection parameters (``host``,
+    ``port``, ``dbname``, ``user``, ``connect_timeout``, ...), merged over ``dsn``.
+
+    :param minconn: connections kept open (prewarmed, refilled by the supervisor).
+    :param maxconn: never more connections than this, opening ones included.
+    :param idle_timeout: seconds a connection above ``minconn`` may sit idle before it is reaped
+        (``None``: never).
+    :param reap_idle_interval: seconds between idle reaps by the supervisor (0: never; call
+        :meth:`reap_idle_connections` yourself).
+    :param lifetime_timeout: a connection's lifetime in seconds, each jittered by
+        ±``lifetime_jitter`` (``None``: forever). Expired idle connections are closed by the
+        supervisor; checked-out ones on return.
+    :param test_on_borrow: ping a connection (``SELECT 1``) before handing it out, unless it was
+        returned less than ``validation_bypass`` seconds ago.
+    :param background_prewarm: open ``minconn`` connections on the supervisor thread; when false
+        they are opened in the constructor, which raises if it cannot.
+    :param timeout: default seconds ``getconn`` waits when the pool is at ``maxconn``; 0 raises
+        :class:`PoolTimeout` at once.
+    :param max_waiting: callers allowed to wait at once (0: no limit); beyond it
+        :class:`PoolTooManyWaiters` at once.
+    :param reuse: ``"fifo"`` (the connection idle longest goes first) or ``"lifo"``.
+    :param configure: called once with each new connection before it is first handed out.
+    :param reset: called with each returned connection (after the rollback); if it raises, the
+        connection is discarded.
+    :param autocommit: set ``conn.autocommit`` on every new connection.
+    """
+
+    def __init__(
+        self,
+        minconn: int = 1,
+        maxconn: int | float = 10,
+        idle_timeout: float | None = 300.0,
+        reap_idle_interval: float = 300.0,
+        lifetime_timeout: float | None = 86400.0,
+        test_on_borrow: bool = True,
+        background_prewarm: bool = True,
+        *,
+        dsn: str | None = None,
+        name: str | None = None,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        reuse: str = "fifo",
+        lifetime_jitter: float = 0.1,
+        validation_bypass: float = 0.5,
+        configure: Callable[[Connection], None] | None = None,
+        reset: Callable[[Connection], None] | None = None,
+        autocommit: bool | None = None,
+        reconnect_backoff: float = 1.0,
+        reconnect_backoff_max: float = 60.0,
+        clock: Clock | None = None,
+        supervisor: Supervisor | None = None,
+        rng: random.Random | None = None,
+        connector: Connector | None = None,
+        **connect_kwargs: Any,
+    ) -> None:
+        _check_sizes(minconn, maxconn)
+        _check_non_negative(
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            reap_idle_interval=reap_idle_interval,
+            lifetime_timeout=lifetime_timeout,
+            validation_bypass=validation_bypass,
+            reconnect_backoff=reconnect_backoff,
+        )
+        if not 0 <= lifetime_jitter < 1:
+            raise ValueError(f"lifetime_jitter must be in [0, 1), got {lifetime_jitter!r}")
+        if reuse not in ("fifo", "lifo"):
+            raise ValueError(f"reuse must be 'fifo' or 'lifo', got {reuse!r}")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting!r}")
+
+        self.name = name or f"pool-{next(_pool_counter)}"
+        self._connector = connector or Connector(dsn, **connect_kwargs)
+        self._clock = clock or (supervisor.clock if supervisor else REAL_CLOCK)
+        self._supervisor = supervisor or get_supervisor()
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+
+        # settings (changed only through resize()/retune(), under the lock)
+        self._minconn = minconn
+        self._maxconn = maxconn
+        self.idle_timeout = idle_timeout
+        self.reap_idle_interval = reap_idle_interval
+        self.lifetime_timeout = lifetime_timeout
+        self.lifetime_jitter = lifetime_jitter
+        self.test_on_borrow = test_on_borrow
+        self.validation_bypass = validation_bypass
+        self.timeout = timeout
+        self.max_waiting = max_waiting
+        self._fifo = reuse == "fifo"
+        self._configure = configure
+        self._reset = reset
+        self._autocommit = autocommit
+        self._backoff_initial = reconnect_backoff
+        self._backoff_max = max(reconnect_backoff_max, reconnect_backoff)
+
+        # state, under _lock
+        self._idle: deque[Entry] = deque()
+        self._entries: dict[int, Entry] = {}
+        self._size = 0  # open + opening: the number maxconn bounds
+        self._opening = 0
+        self._n_in_use = 0
+        self._waiters: deque[_Waiter] = deque()
+        self._closed = False
+        self._pid = os.getpid()
+        now = self._clock.monotonic()
+        self._next_reap_at = now + reap_idle_interval if reap_idle_interval else math.inf
+        self._backoff_s = 0.0
+        self._backoff_until = 0.0
+        self._last_connect_error: BaseException | None = None
+        # orphans: weakrefs of checked-out connections that were garbage-collected. Appended
+        # lock-free by the weakref callback (which may run inside any code, even under _lock).
+        self._orphans: deque[Any] = deque()
+
+        # counters, under _lock
+        self._n_opened = 0
+        self._closed_by: dict[str, int] = {}
+        self._n_checkouts = 0
+        self._n_timeouts = 0
+        self._n_connect_errors = 0
+        self._n_waits = 0
+        self._wait_total_s = 0.0
+        self._wait_max_s = 0.0
+        self._n_rollbacks = 0
+
+        self._task = self._supervisor.register(self, due=math.inf)
+        orphans, request, task = self._orphans, self._supervisor.request, self._task
+
+        def on_lost(wref: Any) -> None:
+            orphans.append(wref)
+            request(task)
+
+        self._on_lost = on_lost
+
+        logger.info(
+            "pool %s: created (%s, minconn=%s, maxconn=%s)",
+            self.name, self._connector.describe(), minconn, maxconn,
+        )
+        if minconn and not background_prewarm:
+            self._prewarm_now()
+        self._supervisor.request(self._task)
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def minconn(self) -> int:
+        return self._minconn
+
+    @property
+    def maxconn(self) -> int | float:
+        return self._maxconn
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def conn(self, timeout: float | None = None) -> _Checkout:
+        """``with pool.conn() as conn:`` check out a connection and give it back on exit."""
+        return _Checkout(self, timeout)
+
+    def getconn(self, timeout: float | None = None) -> Connection:
+        """Check out a connection: an idle one, else a new one below ``maxconn``, else wait up
+        to ``timeout`` seconds (default: the pool's ``timeout``; 0: raise at once)."""
+        while True:
+            lock = self._lock
+            now = self._clock.monotonic()
+            with lock:
+                if self._orphans:
+                    self._collect_orphans_locked()
+                if self._closed:
+                    raise self._closed_error()
+                idle = self._idle
+                if idle and not self._waiters:
+                    e = idle.popleft() if self._fifo else idle.pop()
+                    if now < e.expires_at:
+                        e.state = IN_USE
+                        conn = e.conn
+                        e.conn = None
+                        e.checked_out_at = now
+                        self._n_in_use += 1
+                        self._n_checkouts += 1
+                        ping = self.test_on_borrow and now - e.last_used_at >= self.validation_bypass
+                    else:
+                        conn = self._forget_locked(e)
+                        reason = e.doom_reason or "lifetime"
+                        lock.release()
+                        try:
+                            self._close_conn(e, conn, reason)
+                        finally:
+                            lock.acquire()
+                        continue
+                elif self._size < self._maxconn and not self._waiters:
+                    self._size += 1
+                    self._opening += 1
+                    conn = None
+                else:
+                    conn = self._wait_locked(timeout)
+                    if conn is not None:
+                        return conn
+                    # else: a permit to open a connection (slot already counted)
+            if conn is None:
+                return self._open_checked_out()
+            if ping and not self._ping(conn):
+                self._discard(e, conn, "validation")
+                continue
+            return conn
+
+    def putconn(self, conn: Connection, close: bool = False) -> None:
+        """Give a connection back. Uncommitted work is rolled back; a broken, closed or expired
+        connection is closed and its slot freed; ``close=True`` closes it. A connection this pool
+        does not hold as checked out raises :class:`BadConnectionError`, leaving the pool as
+        it was."""
+        e = self._entries.get(id(conn))
+        if e is None or e.state != IN_USE or (w := e.wref) is None or w() is not conn:
+            e = self._entry_for_return(conn)
+        reason: str | None = "requested" if close else None
+        if reason is None:
+            if conn.closed:
+                reason = "broken"
+            else:
+                status = conn.get_transaction_status()
+                if status != _TX_IDLE:
+                    reason = self._rollback(conn, status)
+                if reason is None and self._reset is not None:
+                    reason = self._run_reset(conn)
+        now = self._clock.monotonic()
+        if reason is None and now >= e.expires_at:
+            reason = e.doom_reason or "lifetime"
+        with self._lock:
+            if e.state != IN_USE:
+                raise BadConnectionError(
+                    f"pool {self.name!r}: connection returned twice", pool=self.name
+                )
+            if reason is None:
+                if self._closed:
+                    reason = "pool_closed"
+                elif self._size > self._maxconn:
+                    reason = "resize"
+            if reason is None:
+                e.last_used_at = now
+                if self._waiters:
+                    e.checked_out_at = now
+                    self._handoff_locked(conn)
+                else:
+                    e.state = IDLE
+                    e.conn = conn
+                    self._n_in_use -= 1
+                    self._idle.append(e)
+                return
+            e.state = RETURNING
+            self._n_in_use -= 1
+            self._forget_locked(e)
+        self._close_conn(e, conn, reason)
+
+    def reap_idle_connections(self) -> int:
+        """Close idle connections above ``minconn`` that have been idle longer than
+        ``idle_timeout``, and idle ones past their lifetime. Returns how many were closed."""
+        return self._reap(self._clock.monotonic(), reap_idle=True)
+
+    def clear_idle(self, reason: str = "cleared") -> int:
+        """Close every idle connection now, whatever ``minconn`` says (the supervisor refills
+        to ``minconn`` afterwards). Returns how many were closed."""
+        with self._lock:
+            idle = list(self._idle)
+            self._idle.clear()
+            conns = [(e, self._forget_locked(e)) for e in idle]
+        for e, conn in conns:
+            self._close_conn(e, conn, reason)
+        return len(conns)
+
+    def resize(self, maxconn: int | float, minconn: int | None = None) -> None:
+        """Change the sizes live. Growing serves waiters at once; shrinking closes surplus idle
+        connections now and surplus checked-out ones on return."""
+        new_min = self._minconn if minconn is None else minconn
+        _check_sizes(new_min, maxconn)
+        with self._lock:
+            self._maxconn = maxconn
+            self._minconn = new_min
+            self._grant_permits_locked()
+        logger.info("pool %s: resized to minconn=%s maxconn=%s", self.name, new_min, maxconn)
+        self._reap(self._clock.monotonic(), reap_idle=False)
+        self._supervisor.request(self._task)
+
+    def close(self) -> None:
+        """Close the pool: idle connections now, checked-out ones when they come back. Waiters
+        and later calls get :class:`PoolClosed`. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._waiters:
+                w = self._waiters.popleft()
+                w.error = self._closed_error()
+                w.cond.notify()
+        self._supervisor.unregister(self._task)
+        self.clear_idle("pool_closed")
+        logger.info("pool %s: closed", self.name)
+
+    def close_all(self) -> None:
+        """Close the pool and every connection it gave out, in use or not (psycopg2's
+        ``closeall``)."""
+        with self._lock:
+            in_use = [e.wref() for e in self._entries.values() if e.wref is not None]
+        self.close()
+        for conn in in_use:
+            if conn is not None and not conn.closed:
+                try:
+                    conn.close()
+                except Exception:  # pragma: no cover
+                    pass
+
+    def stats(self) -> dict[str, Any]:
+        """Sizes and counters: a snapshot taken under the lock."""
+        with self._lock:
+            if self._orphans:
+                self._collect_orphans_locked()
+            closed_total = sum(self._closed_by.values())
+            err = self._last_connect_error
+            return {
+                "name": self.name,
+                "minconn": self._minconn,
+                "maxconn": self._maxconn,
+                "size": self._size,
+                "idle": len(self._idle),
+                "in_use": self._n_in_use,
+                "opening": self._opening,
+                "waiting": len(self._waiters),
+                "closed": self._closed,
+                "connections_opened": self._n_opened,
+                "connections_closed": closed_total,
+                "closed_by_reason": dict(self._closed_by),
+                "checkouts": self._n_checkouts,
+                "checkout_timeouts": self._n_timeouts,
+                "connect_errors": self._n_connect_errors,
+                "last_connect_error": _summarise_error(err) if err else None,
+                "waits": self._n_waits,
+                "wait_total_s": self._wait_total_s,
+                "wait_max_s": self._wait_max_s,
+                "rollbacks": self._n_rollbacks,
+            }
+
+    def status(self) -> dict[str, int | float]:
+        """psqlpy's four figures."""
+        with self._lock:
+            return {
+                "max_size": self._maxconn,
+                "size": self._size,
+                "available": len(self._idle),
+                "waiting": len(self._waiters),
+            }
+
+    def __enter__(self) -> ConnectionPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"size={self._size}/{self._maxconn}"
+        return f"<ConnectionPool {self.name!r} {self._connector.describe()} {state}>"
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    def _wait_locked(self, timeout: float | None) -> Connection | None:
+        """Wait (holding ``_lock`` on entry and exit) for a handoff. Returns the connection, or
+        None with a permit to open one; raises on timeout."""
+        if timeout is None:
+            timeout = self.timeout
+        if timeout <= 0:
+            self._n_timeouts += 1
+            raise self._timeout_error(0.0, timeout)
+        if self.max_waiting and len(self._waiters) >= self.max_waiting:
+            self._n_timeouts += 1
+            raise self._timeout_error(0.0, timeout, too_many=True)
+        w = _Waiter(self._lock)
+        self._waiters.append(w)
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while w.conn is None and not w.permit and w.error is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            w.cond.wait(remaining)
+        waited = time.monotonic() - t0
+        self._n_waits += 1
+        self._wait_total_s += waited
+        if waited > self._wait_max_s:
+            self._wait_max_s = waited
+        if w.error is not None:
+            raise w.error
+        if w.conn is not None or w.permit:
+            return w.conn
+        # Timed out with nothing handed over: leave the queue (nothing can be handed to us
+        # any more, since handoffs happen under the lock we hold).
+        self._waiters.remove(w)
+        self._n_timeouts += 1
+        raise self._timeout_error(waited, timeout)
+
+    def _handoff_locked(self, conn: Connection) -> None:
+        """Give a checked-out-state connection to the oldest waiter (its entry stays IN_USE)."""
+        w = self._waiters.popleft()
+        w.conn = conn
+        self._n_checkouts += 1
+        w.cond.notify()
+
+    def _grant_permits_locked(self) -> None:
+        """Free slots go to the oldest waiters, as permits to open a connection."""
+        while self._waiters and self._size < self._maxconn:
+            w = self._waiters.popleft()
+            self._size += 1
+            self._opening += 1
+            w.permit = True
+            w.cond.notify()
+
+    def _release_new_locked(self, e: Entry, conn: Connection) -> None:
+        """A connection opened by maintenance joins the pool: to a waiter, or idle."""
+        if self._waiters:
+            e.state = IN_USE
+            e.conn = None
+            self._n_in_use += 1
+            self._handoff_locked(conn)
+        else:
+            e.state = IDLE
+            e.conn = conn
+            self._idle.append(e)
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _open_entry(self) -> tuple[Entry, Connection]:
+        """Open one connection for a slot already counted in ``_size``. On failure the slot is
+        given back and :class:`ConnectError` raised. Runs without the lock."""
+        try:
+            conn = self._connector.connect()
+        except Exception as exc:
+            self._open_failed(exc)
+            raise ConnectError(
+                f"pool {self.name!r}: cannot connect to {self._connector.host_label}: "
+                f"{_summarise_error(exc)}",
+                pool=self.name,
+            ) from exc
+        try:
+            self._prepare(conn)
+        except BaseException as exc:
+            _close_quietly(conn)
+            self._open_failed(exc)
+            if isinstance(exc, PoolError):
+                raise
+            raise PoolError(
+                f"pool {self.name!r}: configuring a new connection failed: {exc!r}", pool=self.name
+            ) from exc
+        now = self._clock.monotonic()
+        e = Entry(
+            conn,
+            address=self._connector.host_label,
+            created_at=now,
+            expires_at=self._expiry(now),
+            on_lost=self._on_lost,
+        )
+        e.state = RETURNING  # owned by the opener until it hands it over
+        with self._lock:
+            if self._orphans:  # before reusing an id(conn) key an orphan may still hold
+                self._collect_orphans_locked()
+            self._opening -= 1
+            self._entries[e.key] = e
+            self._n_opened += 1
+            self._backoff_s = 0.0
+            self._backoff_until = 0.0
+        logger.debug("pool %s: opened connection pid=%s to %s", self.name, e.backend_pid, e.address)
+        return e, conn
+
+    def _open_failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._size -= 1
+            self._opening -= 1
+            self._n_connect_errors += 1
+            self._last_connect_error = exc
+            self._grant_permits_locked()
+
+    def _prepare(self, conn: Connection) -> None:
+        if self._autocommit is not None:
+            conn.autocommit = self._autocommit
+        if self._configure is not None:
+            self._configure(conn)
+            status = conn.get_transaction_status()
+            if status != _TX_IDLE:
+                raise PoolError(
+                    f"pool {self.name!r}: configure left the connection in a transaction "
+                    f"(status {status}); commit or use autocommit in it",
+                    pool=self.name,
+                )
+
+    def _open_checked_out(self) -> Connection:
+        e, conn = self._open_entry()
+        with self._lock:
+            if self._closed:
+                self._forget_locked(e)
+                closed = True
+            else:
+                closed = False
+                e.state = IN_USE
+                e.conn = None  # checked out: the pool keeps only the weak reference
+                e.checked_out_at = e.created_at
+                self._n_in_use += 1
+                self._n_checkouts += 1
+        if closed:
+            self._close_conn(e, conn, "pool_closed")
+            raise self._closed_error()
+        return conn
+
+    def _prewarm_now(self) -> None:
+        """Open ``minconn`` connections in this thread (``background_prewarm=False``)."""
+        for _ in range(self._minconn):
+            with self._lock:
+                if self._size >= self._minconn:
+                    break
+                self._size += 1
+                self._opening += 1
+            try:
+                e, conn = self._open_entry()
+            except PoolError:
+                self.close()
+                raise
+            with self._lock:
+                self._release_new_locked(e, conn)
+
+    def _expiry(self, now: float) -> float:
+        lifetime = self.lifetime_timeout
+        if not lifetime:
+            return math.inf
+        j = self.lifetime_jitter
+        return now + lifetime * (1.0 + self._rng.uniform(-j, j))
+
+    # -- returning and closing --------------------------------------------------------------
+
+    def _rollback(self, conn: Connection, status: int) -> str | None:
+        """Roll back what the user left open. Returns a close reason if the connection is no
+        good any more."""
+        if status not in (_TX_INTRANS, _TX_INERROR):
+            return "broken"  # ACTIVE (a query running) or UNKNOWN (connection lost)
+        try:
+            conn.rollback()
+        except Exception as exc:
+            logger.warning("pool %s: rollback on return failed (%s): discarding", self.name, exc)
+            return "broken"
+        with self._lock:
+            self._n_rollbacks += 1
+        logger.debug("pool %s: rolled back uncommitted work on return", self.name)
+        return None
+
+    def _run_reset(self, conn: Connection) -> str | None:
+        assert self._reset is not None
+        try:
+            self._reset(conn)
+            if conn.get_transaction_status() != _TX_IDLE:
+                conn.rollback()
+        except Exception as exc:
+            logger.warning("pool %s: reset failed on return (%r): discarding", self.name, exc)
+            return "reset_failed"
+        return None
+
+    def _ping(self, conn: Connection) -> bool:
+        try:
+            if conn.closed:
+                return False
+            autocommit = conn.autocommit
+            if not autocommit:
+                conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+            finally:
+                if not autocommit and not conn.closed:
+                    conn.autocommit = False
+            return True
+        except psycopg2.Error as exc:
+            logger.warning(
+                "pool %s: connection failed test-on-borrow: %s", self.name, _summarise_error(exc)
+            )
+            return False
+
+    def _forget_locked(self, e: Entry) -> Connection:
+        """Take an entry out of the pool's books (slot freed, waiters served). Returns its
+        connection for the caller to close outside the lock."""
+        conn = e.conn if e.conn is not None else (e.wref() if e.wref is not None else None)
+        if self._entries.get(e.key) is e:
+            del self._entries[e.key]
+            self._size -= 1
+        e.state = CLOSED
+        e.conn = None
+        e.wref = None  # drops the weakref, so its callback will not fire for this close
+        self._grant_permits_locked()
+        return conn  # type: ignore[return-value]
+
+    def _discard(self, e: Entry, conn: Connection, reason: str) -> None:
+        """Drop a checked-out connection (failed validation, ...)."""
+        with self._lock:
+            if e.state == IN_USE:
+                self._n_in_use -= 1
+            self._forget_locked(e)
+        self._close_conn(e, conn, reason)
+
+    def _close_conn(self, e: Entry, conn: Connection | None, reason: str) -> None:
+        """Close one connection that is out of the books. Never under the lock."""
+        with self._lock:
+            self._closed_by[reason] = self._closed_by.get(reason, 0) + 1
+            below_min = self._size < self._minconn and not self._closed
+        log = logger.warning if reason in _WARN_REASONS else logger.debug
+        log("pool %s: closing connection pid=%s to %s (%s)", self.name, e.backend_pid, e.address, reason)
+        if conn is not None:
+            _close_quietly(conn)
+        if below_min:
+            self._supervisor.request(self._task)
+
+    def _collect_orphans_locked(self) -> None:
+        """Checked-out connections that were garbage-collected give their slots back."""
+        while self._orphans:
+            wref = self._orphans.popleft()
+            for e in self._entries.values():
+                if e.wref is wref:
+                    break
+            else:
+                continue
+            logger.warning(
+                "pool %s: a checked-out connection (pid=%s) was garbage-collected without being "
+                "returned; its slot is freed", self.name, e.backend_pid,
+            )
+            if e.state == IN_USE:
+                self._n_in_use -= 1
+            self._forget_locked(e)
+            self._closed_by["garbage_collected"] = self._closed_by.get("garbage_collected", 0) + 1
+
+    # -- maintenance (supervisor thread) ----------------------------------------------------
+
+    def _reap(self, now: float, *, reap_idle: bool) -> int:
+        """Close idle connections past their lifetime, surplus above ``maxconn`` and (with
+        ``reap_idle``) those idle too long above ``minconn``. Returns how many were closed."""
+        doomed: list[tuple[Entry, Connection, str]] = []
+        with self._lock:
+            if self._orphans:
+                self._collect_orphans_locked()
+            if not self._idle:
+                return 0
+            # oldest-idle first, so reaping takes those the pool needs least
+            for e in sorted(self._idle, key=lambda x: x.last_used_at):
+                if now >= e.expires_at:
+                    reason: str | None = e.doom_reason or "lifetime"
+                elif self._size > self._maxconn:
+                    reason = "resize"
+                elif (
+                    reap_idle
+                    and self.idle_timeout is not None
+                    and now - e.last_used_at >= self.idle_timeout
+                    and self._size > self._minconn
+                ):
+                    reason = "idle"
+                else:
+                    reason = None
+                if reason is not None:
+                    doomed.append((e, self._forget_locked(e), reason))
+            if doomed:
+                # put the survivors back in their reuse order
+                self._idle = deque(x for x in self._idle if x.state == IDLE)
+        for e, conn, reason in doomed:
+            self._close_conn(e, conn, reason)
+        return len(doomed)
+
+    def _maintain(self, now: float) -> float | None:
+        """One maintenance step (the supervisor calls this). Closes what is due, opens at most
+        one connection toward ``minconn``, and returns when it wants to run next."""
+        if self._closed:
+            return None
+        if os.getpid() != self._pid:  # forked: the parent's connections are not ours to touch
+            return None
+        reap_idle = bool(self.reap_idle_interval) and now >= self._next_reap_at
+        if reap_idle:
+            self._next_reap_at = now + self.reap_idle_interval
+        self._reap(now, reap_idle=reap_idle)
+
+        with self._lock:
+            need = (
+                not self._closed
+                and self._size < self._minconn
+                and now >= self._backoff_until
+            )
+            if need:
+                self._size += 1
+                self._opening += 1
+        if need:
+            try:
+                e, conn = self._open_entry()
+            except PoolError as exc:
+                self._backoff_s = min(
+                    self._backoff_max, max(self._backoff_initial, self._backoff_s * 2)
+                )
+                self._backoff_until = now + self._backoff_s * self._rng.uniform(0.9, 1.1)
+                logger.warning(
+                    "pool %s: prewarm failed, retrying in %.1f s: %s",
+                    self.name, self._backoff_s, exc.__cause__ or exc,
+                )
+            else:
+                with self._lock:
+                    if self._closed:
+                        self._forget_locked(e)
+                    else:
+                        self._release_new_locked(e, conn)
+                        conn = None
+                if conn is not None:
+                    self._close_conn(e, conn, "pool_closed")
+
+        with self._lock:
+            if self._closed:
+                return None
+            nxt = now + RECHECK_INTERVAL_S
+            if self._size < self._minconn:
+                nxt = min(nxt, max(now, self._backoff_until))
+            for e in self._idle:
+                if e.expires_at < nxt:
+                    nxt = e.expires_at
+            if self.reap_idle_interval and self._size > self._minconn:
+                nxt = min(nxt, self._next_reap_at)
+            return nxt
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def _counts_locked(self) -> dict[str, int]:
+        return {
+            "size": self._size,
+            "idle": len(self._idle),
+            "in_use": self._n_in_use,
+            "waiting": len(self._waiters),
+        }
+
+    def _timeout_error(self, waited: float, timeout: float, too_many: bool = False) -> PoolTimeout:
+        counts = self._counts_locked()
+        figures = (
+            f"size={counts['size']}/{self._maxconn} idle={counts['idle']} "
+            f"in_use={counts['in_use']} waiting={counts['waiting']}"
+        )
+        if too_many:
+            msg = (
+                f"pool {self.name!r}: too many callers waiting (max_waiting={self.max_waiting}); "
+                f"{figures}"
+            )
+            err: PoolTimeout = PoolTooManyWaiters(msg, pool=self.name, waited_s=0.0, counts=counts)
+        elif timeout <= 0:
+            msg = f"pool {self.name!r}: no connection available at once (timeout=0); {figures}"
+            err = PoolTimeout(msg, pool=self.name, waited_s=0.0, counts=counts)
+        else:
+            msg = (
+                f"pool {self.name!r}: no connection available after waiting {waited:.3f} s "
+                f"(timeout {timeout:g} s); {figures}"
+            )
+            err = PoolTimeout(msg, pool=self.name, waited_s=waited, counts=counts)
+        if self._last_connect_error is not None:
+            err.__cause__ = self._last_connect_error
+            err.args = (msg + f"; last connect error: {_summarise_error(self._last_connect_error)}",)
+        return err
+
+    def _closed_error(self) -> PoolClosed:
+        return PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
+
+    def _entry_for_return(self, conn: object) -> Entry:
+        """The slow path of putconn's ownership check: the entry, or the precise error."""
+        with self._lock:
+            if self._orphans:
+                self._collect_orphans_locked()
+            e = self._entries.get(id(conn))
+            if e is not None and e.wref is not None and e.wref() is conn:
+                if e.state == IN_USE:
+                    return e  # a stale orphan shadowed it; not an error after all
+                raise BadConnectionError(
+                    f"pool {self.name!r}: connection returned twice (it is already idle)",
+                    pool=self.name,
+                )
+        if not isinstance(conn, ext.connection):
+            raise BadConnectionError(
+                f"pool {self.name!r}: putconn() takes a connection, got {type(conn).__name__}",
+                pool=self.name,
+            )
+        raise BadConnectionError(
+            f"pool {self.name!r}: this connection was not given out by this pool", pool=self.name
+        )
+
+
+def _check_sizes(minconn: int, maxconn: int | float) -> None:
+    if not isinstance(minconn, int) or isinstance(minconn, bool) or minconn < 0:
+        raise ValueError(f"minconn must be an integer >= 0, got {minconn!r}")
+    if not (maxconn == math.inf or (isinstance(maxconn, int) and not isinstance(maxconn, bool))):
+        raise ValueError(f"maxconn must be an integer >= 1 (or inf), got {maxconn!r}")
+    if maxconn < 1:
+        raise ValueError(f"maxconn must be >= 1, got {maxconn!r}")
+    if minconn > maxconn:
+        raise ValueError(f"minconn ({minconn}) must not exceed maxconn ({maxconn})")
+
+
+def _check_non_negative(**values: float | None) -> None:
+    for key, value in values.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value!r}")
+
+
+def _summarise_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _close_quietly(conn: Connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # pragma: no cover - closing a dead connection may complain
+        pass
