@@ -1,1 +1,45 @@
-"""Real-server test harness: local PostgreSQL clusters and a loopback DNS server."""
+"""Real-server test harness: local PostgreSQL clusters and a loopback DNS server.
+
+``registry.testing.cluster``  LocalCluster, PgServer, find_pg_bindir, free_port
+``registry.testing.dns``      DnsServer (needs dnslib, a test extra)
+``registry.testing.docker``   docker_available, ContainerServer (needs testcontainers)
+``registry.testing.plugin``   pytest fixtures: ``pytest_plugins = ["registry.testing.plugin"]``
+
+Names are imported lazily, so ``import registry.testing`` pulls in neither dnslib nor docker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "ContainerServer",
+    "DnsServer",
+    "HarnessError",
+    "LocalCluster",
+    "PgServer",
+    "ServerStartError",
+    "docker_available",
+    "find_pg_bindir",
+    "free_port",
+]
+
+_WHERE = {
+    "ContainerServer": "docker",
+    "DnsServer": "dns",
+    "HarnessError": "cluster",
+    "LocalCluster": "cluster",
+    "PgServer": "cluster",
+    "ServerStartError": "cluster",
+    "docker_available": "docker",
+    "find_pg_bindir": "cluster",
+    "free_port": "cluster",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

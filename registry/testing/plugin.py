@@ -1,0 +1,122 @@
+"""pytest fixtures for real-server tests: ``pytest_plugins = ["registry.testing.plugin"]``.
+
+Session fixtures share one cluster (``pg_cluster``, ``pg_primary``, ``pg_server``); tests that
+break servers (failover, kill, freeze) take ``fresh_cluster`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from .cluster import LocalCluster, PgServer, SqlServer
+from .dns import DnsServer
+from .docker import ContainerServer, docker_available
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "backend_counter",
+    "clean_db",
+    "dns_server",
+    "fresh_cluster",
+    "pg_cluster",
+    "pg_primary",
+    "pg_server",
+]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[LocalCluster]:
+    """A primary and two replicas on 127.0.0.11-13, one port, shared by the whole session."""
+    cluster = LocalCluster(n_replicas=2).start()
+    try:
+        yield cluster
+    finally:
+        for server in cluster.servers:
+            server.thaw()
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_primary(pg_cluster: LocalCluster) -> PgServer:
+    return pg_cluster.primary
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> Iterator[SqlServer]:
+    """One server: a container when Docker answers, else the session cluster's primary."""
+    if docker_available():
+        server = ContainerServer().start()
+        try:
+            yield server
+        finally:
+            server.stop()
+        return
+    cluster: LocalCluster = request.getfixturevalue("pg_cluster")
+    yield cluster.primary
+
+
+@pytest.fixture
+def fresh_cluster() -> Iterator[LocalCluster]:
+    """A cluster of this test's own (primary + 2 replicas), for destructive tests."""
+    cluster = LocalCluster(n_replicas=2).start()
+    try:
+        yield cluster
+    finally:
+        for server in cluster.servers:
+            server.thaw()
+        cluster.stop()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    server = DnsServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def clean_db(pg_cluster: LocalCluster) -> PgServer:
+    """The session primary with no other client backends and an empty ``pgr_scratch`` table."""
+    primary = pg_cluster.primary
+    rows = primary.execute(
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    )
+    victims = [int(row[0]) for row in rows or []]
+    if victims:  # a separate statement: a filter's order of evaluation is not guaranteed
+        primary.execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (victims,)
+        )
+    deadline = time.monotonic() + 10
+    while victims:
+        left = primary.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (victims,)
+        )
+        if not left or not left[0][0]:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{left[0][0]} client backends survived pg_terminate_backend")
+        time.sleep(0.005)
+    if victims:
+        log.debug("clean_db terminated %d backends", len(victims))
+    primary.execute("DROP TABLE IF EXISTS pgr_scratch")
+    primary.execute("CREATE TABLE pgr_scratch (id serial PRIMARY KEY, v text)")
+    pg_cluster.wait_replicated()
+    return primary
+
+
+@pytest.fixture
+def backend_counter(pg_primary: PgServer) -> Callable[..., int]:
+    """``count(application_name=None) -> int``: client backends on the primary."""
+
+    def count(application_name: str | None = None) -> int:
+        return pg_primary.backend_count(application_name)
+
+    return count
