@@ -89,7 +89,9 @@ class Connector:
     def connect(self, **overrides: str) -> psycopg2.extensions.connection:
         """Open one connection (blocking, bounded by libpq's ``connect_timeout``)."""
         params = {**self.params, **overrides} if overrides else self.params
-        conn: psycopg2.extensions.connection = psycopg2.connect(**params, **self._factory_kwargs)
+        conn: psycopg2.extensions.connection = psycopg2.connect(  # type: ignore[call-overload]
+            **params, **self._factory_kwargs
+        )
         return conn
 
     def describe(self) -> str:

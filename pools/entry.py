@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2.extensions
@@ -41,12 +42,12 @@ class Entry:
         address: str,
         created_at: float,
         expires_at: float,
-        on_lost: Any,
+        on_lost: Callable[[weakref.ref[Any]], None],
     ) -> None:
         self.conn: psycopg2.extensions.connection | None = conn
         # The weak reference lives as long as the entry: when a checked-out connection is
         # garbage-collected, ``on_lost`` gets the weakref (see ConnectionPool._lost).
-        self.wref = weakref.ref(conn, on_lost)
+        self.wref: weakref.ref[psycopg2.extensions.connection] | None = weakref.ref(conn, on_lost)
         self.key = id(conn)
         self.address = address
         self.created_at = created_at

@@ -13,6 +13,7 @@ through ``_maintain(now)``; getconn/putconn never wait for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -281,7 +282,9 @@ class ConnectionPool:
                         e.checked_out_at = now
                         self._n_in_use += 1
                         self._n_checkouts += 1
-                        ping = self.test_on_borrow and now - e.last_used_at >= self.validation_bypass
+                        ping = (
+                            self.test_on_borrow and now - e.last_used_at >= self.validation_bypass
+                        )
                     else:
                         conn = self._forget_locked(e)
                         reason = e.doom_reason or "lifetime"
@@ -406,10 +409,7 @@ class ConnectionPool:
         self.close()
         for conn in in_use:
             if conn is not None and not conn.closed:
-                try:
-                    conn.close()
-                except Exception:  # pragma: no cover
-                    pass
+                _close_quietly(conn)
 
     def stats(self) -> dict[str, Any]:
         """Sizes and counters: a snapshot taken under the lock."""
@@ -707,7 +707,10 @@ class ConnectionPool:
             self._closed_by[reason] = self._closed_by.get(reason, 0) + 1
             below_min = self._size < self._minconn and not self._closed
         log = logger.warning if reason in _WARN_REASONS else logger.debug
-        log("pool %s: closing connection pid=%s to %s (%s)", self.name, e.backend_pid, e.address, reason)
+        log(
+            "pool %s: closing connection pid=%s to %s (%s)",
+            self.name, e.backend_pid, e.address, reason,
+        )
         if conn is not None:
             _close_quietly(conn)
         if below_min:
@@ -801,12 +804,12 @@ class ConnectionPool:
                 )
             else:
                 with self._lock:
-                    if self._closed:
+                    late = self._closed
+                    if late:
                         self._forget_locked(e)
                     else:
                         self._release_new_locked(e, conn)
-                        conn = None
-                if conn is not None:
+                if late:
                     self._close_conn(e, conn, "pool_closed")
 
         with self._lock:
@@ -855,7 +858,8 @@ class ConnectionPool:
             err = PoolTimeout(msg, pool=self.name, waited_s=waited, counts=counts)
         if self._last_connect_error is not None:
             err.__cause__ = self._last_connect_error
-            err.args = (msg + f"; last connect error: {_summarise_error(self._last_connect_error)}",)
+            cause = _summarise_error(self._last_connect_error)
+            err.args = (f"{msg}; last connect error: {cause}",)
         return err
 
     def _closed_error(self) -> PoolClosed:
@@ -908,7 +912,5 @@ def _summarise_error(exc: BaseException) -> str:
 
 
 def _close_quietly(conn: Connection) -> None:
-    try:
+    with contextlib.suppress(Exception):  # closing a dead connection may complain
         conn.close()
-    except Exception:  # pragma: no cover - closing a dead connection may complain
-        pass

@@ -61,7 +61,9 @@ class Supervisor:
         self._maybe_start()
         return task
 
-    def add_task(self, name: str, fn: Callable[[float], float | None], due: float | None = None) -> Task:
+    def add_task(
+        self, name: str, fn: Callable[[float], float | None], due: float | None = None
+    ) -> Task:
         task = self.scheduler.add(Task(name, fn), due)
         self._maybe_start()
         return task

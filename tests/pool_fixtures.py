@@ -22,7 +22,7 @@ def stepped() -> Supervisor:
 
 
 @pytest.fixture
-def make_pool(pg_primary: Any, stepped: Supervisor) -> Iterator[Any]:
+def make_pool(pg_server: Any, stepped: Supervisor) -> Iterator[Any]:
     """``make_pool(**kw)``: a ConnectionPool on the primary, maintained by ``stepped`` (pass
     ``supervisor=None`` for the process's real one). Each pool gets its own application_name,
     kept as ``pool.app``, so tests can count its backends on the server."""
@@ -30,7 +30,7 @@ def make_pool(pg_primary: Any, stepped: Supervisor) -> Iterator[Any]:
 
     def make(supervisor: Any = _DEFAULT, **kw: Any) -> ConnectionPool:
         app = f"pgr-test-{uuid.uuid4().hex[:10]}"
-        kw.setdefault("dsn", pg_primary.dsn())
+        kw.setdefault("dsn", pg_server.dsn())
         kw.setdefault("application_name", app)
         if supervisor is _DEFAULT:
             kw["supervisor"] = stepped

@@ -7,6 +7,7 @@ import math
 import threading
 
 import psycopg2
+import psycopg2.extensions
 import pytest
 
 from pools import PoolError as OurPoolError
@@ -19,9 +20,11 @@ from pools.compat import (
 
 
 @pytest.fixture
-def params(pg_primary):
-    return {"user": "postgres", "host": pg_primary.host, "port": str(pg_primary.port),
-            "database": "postgres"}
+def params(pg_server):
+    """The server's parameters as the classic examples spell them (``database=``)."""
+    params = psycopg2.extensions.parse_dsn(pg_server.dsn())
+    params["database"] = params.pop("dbname")
+    return params
 
 
 def test_simple_pool_example(params, clean_db):
@@ -39,8 +42,8 @@ def test_simple_pool_example(params, clean_db):
     assert postgreSQL_pool.closed
 
 
-def test_simple_pool_with_positional_dsn(pg_primary):
-    p = SimpleConnectionPool(1, 2, pg_primary.dsn())
+def test_simple_pool_with_positional_dsn(pg_server):
+    p = SimpleConnectionPool(1, 2, pg_server.dsn())
     assert p.pool.stats()["idle"] == 1  # minconn opened in the constructor, like psycopg2's
     conn = p.getconn()
     with conn.cursor() as cur:
@@ -73,8 +76,8 @@ def test_threaded_pool_example(params):
     threaded_postgreSQL_pool.closeall()
 
 
-def test_keyed_connections(pg_primary):
-    p = ThreadedConnectionPool(0, 3, pg_primary.dsn())
+def test_keyed_connections(pg_server):
+    p = ThreadedConnectionPool(0, 3, pg_server.dsn())
     a = p.getconn("alice")
     assert p.getconn("alice") is a  # same key, same connection
     b = p.getconn("bob")
@@ -89,8 +92,8 @@ def test_keyed_connections(pg_primary):
     p.closeall()
 
 
-def test_exhausted_and_closed_errors(pg_primary):
-    p = SimpleConnectionPool(0, 1, pg_primary.dsn())
+def test_exhausted_and_closed_errors(pg_server):
+    p = SimpleConnectionPool(0, 1, pg_server.dsn())
     c = p.getconn()
     with pytest.raises(PoolError, match="connection pool exhausted"):
         p.getconn()
@@ -105,15 +108,15 @@ def test_exhausted_and_closed_errors(pg_primary):
     assert PoolError is OurPoolError and issubclass(PoolError, psycopg2.Error)
 
 
-def test_closeall_closes_connections_in_use(pg_primary):
-    p = ThreadedConnectionPool(1, 3, pg_primary.dsn())
+def test_closeall_closes_connections_in_use(pg_server):
+    p = ThreadedConnectionPool(1, 3, pg_server.dsn())
     busy = p.getconn()
     p.closeall()
     assert busy.closed
 
 
-def test_context_manager_closes_the_pool(pg_primary):
-    with ThreadedConnectionPool(1, 2, pg_primary.dsn()) as p:
+def test_context_manager_closes_the_pool(pg_server):
+    with ThreadedConnectionPool(1, 2, pg_server.dsn()) as p:
         conn = p.getconn()
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
@@ -123,13 +126,13 @@ def test_context_manager_closes_the_pool(pg_primary):
         p.getconn()
 
 
-def test_minconn_maxconn_attributes(pg_primary):
-    p = SimpleConnectionPool(2, 7, pg_primary.dsn())
+def test_minconn_maxconn_attributes(pg_server):
+    p = SimpleConnectionPool(2, 7, pg_server.dsn())
     assert (p.minconn, p.maxconn, p.closed) == (2, 7, False)
     p.closeall()
 
 
-def test_threadsafe_pool_signature_and_defaults(pg_primary):
+def test_threadsafe_pool_signature_and_defaults(pg_server):
     import inspect
 
     sig = inspect.signature(ThreadSafeConnectionPool)
@@ -143,10 +146,10 @@ def test_threadsafe_pool_signature_and_defaults(pg_primary):
         ThreadSafeConnectionPool(1, 2)  # type: ignore[misc]
 
 
-def test_threadsafe_pool_usage_and_clear(pg_primary):
+def test_threadsafe_pool_usage_and_clear(pg_server):
     # psycopg2_pool's usage: keyword-only construction, getconn/putconn, clear().
     pool = ThreadSafeConnectionPool(minconn=1, maxconn=3, idle_timeout=600,
-                                    dsn=pg_primary.dsn(), application_name="tscp")
+                                    dsn=pg_server.dsn(), application_name="tscp")
     conns = [pool.getconn() for _ in range(3)]
     with pytest.raises(PoolError):
         pool.getconn()
@@ -163,8 +166,8 @@ def test_threadsafe_pool_usage_and_clear(pg_primary):
     pool.close()
 
 
-def test_threadsafe_pool_unbounded_by_default(pg_primary):
-    pool = ThreadSafeConnectionPool(minconn=0, dsn=pg_primary.dsn())
+def test_threadsafe_pool_unbounded_by_default(pg_server):
+    pool = ThreadSafeConnectionPool(minconn=0, dsn=pg_server.dsn())
     conns = [pool.getconn() for _ in range(12)]
     assert pool.pool.stats()["size"] == 12
     for c in conns:

@@ -19,12 +19,10 @@ from pools import (
     BadConnectionError,
     ConnectError,
     ConnectionPool,
-    FakeClock,
     PoolClosed,
     PoolError,
     PoolTimeout,
     PoolTooManyWaiters,
-    Supervisor,
 )
 
 SECRET = "Sentinel-Pa55word-do-not-leak"
@@ -55,7 +53,7 @@ def test_checkout_query_return(make_pool):
     assert (s["size"], s["idle"], s["in_use"], s["checkouts"]) == (1, 1, 0, 1)
 
 
-def test_readme_example_of_psycopg2_pool2(pg_primary, stepped):
+def test_readme_example_of_psycopg2_pool2(pg_server, stepped):
     # The seed's README example, unchanged but for the import (and the server's address).
     from pools import ConnectionPool
 
@@ -67,7 +65,7 @@ def test_readme_example_of_psycopg2_pool2(pg_primary, stepped):
         lifetime_timeout=86400,
         test_on_borrow=True,
         background_prewarm=True,
-        dsn=pg_primary.dsn(),  # the seed: "dbname=postgres user=postgres"
+        dsn=pg_server.dsn(),  # the seed: "dbname=postgres user=postgres"
     )
     try:
         with pool.conn() as conn, conn.cursor() as cur:
@@ -78,18 +76,18 @@ def test_readme_example_of_psycopg2_pool2(pg_primary, stepped):
         pool.close()
 
 
-def test_background_prewarm_opens_minconn_on_the_supervisor(make_pool, pg_primary, stepped):
+def test_background_prewarm_opens_minconn_on_the_supervisor(make_pool, pg_server, stepped):
     pool = make_pool(minconn=3, maxconn=5)
     assert pool.stats()["size"] == 0  # nothing opened in the constructor
     stepped.run_until_idle()
     assert pool.stats()["size"] == 3
-    assert pg_primary.backend_count(pool.app) == 3
+    assert pg_server.backend_count(pool.app) == 3
 
 
-def test_blocking_prewarm_opens_in_constructor(make_pool, pg_primary):
+def test_blocking_prewarm_opens_in_constructor(make_pool, pg_server):
     pool = make_pool(minconn=2, maxconn=4, background_prewarm=False)
     assert pool.stats()["idle"] == 2
-    assert pg_primary.backend_count(pool.app) == 2
+    assert pg_server.backend_count(pool.app) == 2
 
 
 def test_blocking_prewarm_raises_on_unreachable_server(make_pool, dead_port):
@@ -235,7 +233,7 @@ def test_a_returned_connection_goes_to_the_oldest_waiter_not_a_newcomer(make_poo
     pool.putconn(held)
 
 
-def test_timed_out_waiters_never_swallow_connections(make_pool, pg_primary):
+def test_timed_out_waiters_never_swallow_connections(make_pool, pg_server):
     pool = make_pool(minconn=0, maxconn=2)
     stop = time.monotonic() + 1.5
     errors = []
@@ -263,7 +261,7 @@ def test_timed_out_waiters_never_swallow_connections(make_pool, pg_primary):
     assert s["checkout_timeouts"] > 0  # the race was exercised
     assert (s["in_use"], s["waiting"]) == (0, 0)
     assert s["idle"] == s["size"] == 2  # nothing lost to a waiter that had left
-    assert pg_primary.backend_count(pool.app) == 2
+    assert pg_server.backend_count(pool.app) == 2
     for _ in range(2):
         pool.getconn(timeout=0)  # both really available
 
@@ -271,7 +269,7 @@ def test_timed_out_waiters_never_swallow_connections(make_pool, pg_primary):
 # -- maxconn under threads, fairness ----------------------------------------------------------
 
 
-def test_stress_64_threads_never_exceed_maxconn_nor_share_a_connection(make_pool, pg_primary):
+def test_stress_64_threads_never_exceed_maxconn_nor_share_a_connection(make_pool, pg_server):
     maxconn = 8
     pool = make_pool(minconn=2, maxconn=maxconn, timeout=30)
     holders: dict[int, int] = {}
@@ -284,7 +282,7 @@ def test_stress_64_threads_never_exceed_maxconn_nor_share_a_connection(make_pool
 
     def sampler():
         nonlocal max_seen_server
-        probe = pg_primary.connect()
+        probe = pg_server.connect()
         try:
             with probe.cursor() as cur:
                 while not done.is_set():
@@ -340,7 +338,7 @@ def test_stress_64_threads_never_exceed_maxconn_nor_share_a_connection(make_pool
     st = pool.stats()
     assert st["size"] <= maxconn and st["size"] == st["idle"] + st["in_use"] + st["opening"]
     assert st["checkouts"] == 64 * 60
-    assert wait_until(lambda: pg_primary.backend_count(pool.app) == st["size"])
+    assert wait_until(lambda: pg_server.backend_count(pool.app) == st["size"])
 
 
 def test_fairness_32_threads_on_a_pool_of_8(make_pool):
@@ -411,7 +409,7 @@ def test_jitter_fraction_is_configurable(make_pool):
 
 
 def test_expired_idle_connections_are_closed_by_the_supervisor_and_replaced(
-    make_pool, pg_primary, stepped
+    make_pool, pg_server, stepped
 ):
     pool = make_pool(minconn=2, maxconn=4, lifetime_timeout=100)
     stepped.run_until_idle()
@@ -425,7 +423,7 @@ def test_expired_idle_connections_are_closed_by_the_supervisor_and_replaced(
     new = {e.backend_pid for e in pool._entries.values()}
     assert len(new) == 2 and not (new & old)
     assert pool.stats()["closed_by_reason"] == {"lifetime": 2}
-    assert wait_until(lambda: pg_primary.backend_count(pool.app) == 2)
+    assert wait_until(lambda: pg_server.backend_count(pool.app) == 2)
 
 
 def test_expired_idle_connection_is_never_handed_out(make_pool, stepped):
@@ -454,7 +452,7 @@ def test_expired_checked_out_connection_is_closed_on_return_not_taken(make_pool,
     assert pool.stats()["size"] == 0
 
 
-def test_idle_reaping_above_minconn_every_interval(make_pool, pg_primary, stepped):
+def test_idle_reaping_above_minconn_every_interval(make_pool, pg_server, stepped):
     pool = make_pool(minconn=1, maxconn=5, idle_timeout=60, reap_idle_interval=30)
     conns = [pool.getconn() for _ in range(5)]
     for c in conns:
@@ -468,7 +466,7 @@ def test_idle_reaping_above_minconn_every_interval(make_pool, pg_primary, steppe
     stepped.run_until_idle()
     s = pool.stats()
     assert s["size"] == 1 and s["closed_by_reason"] == {"idle": 4}
-    assert wait_until(lambda: pg_primary.backend_count(pool.app) == 1)
+    assert wait_until(lambda: pg_server.backend_count(pool.app) == 1)
 
 
 def test_reap_idle_connections_by_hand(make_pool, stepped):
@@ -499,13 +497,13 @@ def test_prewarm_backs_off_on_connect_failure(make_pool, dead_port, stepped):
 # -- test-on-borrow ---------------------------------------------------------------------------
 
 
-def test_killed_backend_is_caught_by_test_on_borrow(make_pool, pg_primary, stepped):
+def test_killed_backend_is_caught_by_test_on_borrow(make_pool, pg_server, stepped):
     pool = make_pool(minconn=0, maxconn=2)
     c = pool.getconn()
     victim = pid(c)
     pool.putconn(c)
-    pg_primary.execute("SELECT pg_terminate_backend(%s)", (victim,))
-    assert wait_until(lambda: pg_primary.backend_count(pool.app) == 0)
+    pg_server.execute("SELECT pg_terminate_backend(%s)", (victim,))
+    assert wait_until(lambda: pg_server.backend_count(pool.app) == 0)
     stepped.clock.advance(1.0)  # past validation_bypass
     t0 = time.monotonic()
     c2 = pool.getconn()
@@ -579,7 +577,7 @@ def test_closed_connection_is_discarded_and_its_slot_freed(make_pool):
     pool.putconn(pool.getconn(timeout=0))
 
 
-def test_conn_context_discards_a_connection_the_exception_broke(make_pool, pg_primary):
+def test_conn_context_discards_a_connection_the_exception_broke(make_pool, pg_server):
     pool = make_pool(minconn=0, maxconn=1)
     with pytest.raises(psycopg2.OperationalError), pool.conn() as c, c.cursor() as cur:
         cur.execute("SELECT pg_terminate_backend(pg_backend_pid())")
@@ -589,15 +587,15 @@ def test_conn_context_discards_a_connection_the_exception_broke(make_pool, pg_pr
         cur.execute("SELECT 1")
 
 
-def test_putconn_close_true(make_pool, pg_primary):
+def test_putconn_close_true(make_pool, pg_server):
     pool = make_pool(minconn=0, maxconn=1)
     c = pool.getconn()
     pool.putconn(c, close=True)
     assert c.closed and pool.stats()["size"] == 0
-    assert wait_until(lambda: pg_primary.backend_count(pool.app) == 0)
+    assert wait_until(lambda: pg_server.backend_count(pool.app) == 0)
 
 
-def test_bad_putconn_raises_and_leaves_the_pool_intact(make_pool, pg_primary):
+def test_bad_putconn_raises_and_leaves_the_pool_intact(make_pool, pg_server):
     pool = make_pool(minconn=0, maxconn=2, name="strict")
     other = make_pool(minconn=0, maxconn=1)
     c = pool.getconn()
@@ -608,7 +606,7 @@ def test_bad_putconn_raises_and_leaves_the_pool_intact(make_pool, pg_primary):
     foreign = other.getconn()
     with pytest.raises(BadConnectionError, match="not given out by this pool"):
         pool.putconn(foreign)
-    stray = pg_primary.connect()
+    stray = pg_server.connect()
     with pytest.raises(BadConnectionError, match="not given out by this pool"):
         pool.putconn(stray)
     with pytest.raises(BadConnectionError, match="takes a connection"):
@@ -624,7 +622,7 @@ def test_bad_putconn_raises_and_leaves_the_pool_intact(make_pool, pg_primary):
     pool.putconn(b)
 
 
-def test_garbage_collected_checkout_frees_its_slot(make_pool, pg_primary, caplog):
+def test_garbage_collected_checkout_frees_its_slot(make_pool, pg_server, caplog):
     pool = make_pool(minconn=0, maxconn=1)
     c = pool.getconn()
     victim = pid(c)
@@ -636,7 +634,7 @@ def test_garbage_collected_checkout_frees_its_slot(make_pool, pg_primary, caplog
     assert pid(c2) != victim
     assert pool.stats()["closed_by_reason"] == {"garbage_collected": 1}
     assert "garbage-collected" in caplog.text
-    assert wait_until(lambda: pg_primary.backend_count(pool.app) == 1)
+    assert wait_until(lambda: pg_server.backend_count(pool.app) == 1)
     pool.putconn(c2)
 
 
@@ -708,7 +706,7 @@ def test_resize_minconn_prewarms(make_pool, stepped):
     assert pool.stats()["size"] == 3
 
 
-def test_close_is_idempotent_and_later_calls_name_the_pool(make_pool, pg_primary):
+def test_close_is_idempotent_and_later_calls_name_the_pool(make_pool, pg_server):
     pool = make_pool(minconn=2, maxconn=3, background_prewarm=False, name="shut")
     held = pool.getconn()
     pool.close()
@@ -719,7 +717,7 @@ def test_close_is_idempotent_and_later_calls_name_the_pool(make_pool, pg_primary
     assert not held.closed  # never taken from its user...
     pool.putconn(held)  # ...closed when it comes back
     assert held.closed
-    assert wait_until(lambda: pg_primary.backend_count(pool.app) == 0)
+    assert wait_until(lambda: pg_server.backend_count(pool.app) == 0)
 
 
 def test_close_wakes_waiters_with_pool_closed(make_pool):
@@ -743,9 +741,9 @@ def test_close_wakes_waiters_with_pool_closed(make_pool):
 
 
 def test_pool_as_context_manager(make_pool):
-    with make_pool(minconn=1, maxconn=2, background_prewarm=False) as pool:
-        with pool.conn() as c, c.cursor() as cur:
-            cur.execute("SELECT 1")
+    pool = make_pool(minconn=1, maxconn=2, background_prewarm=False)
+    with pool, pool.conn() as c, c.cursor() as cur:
+        cur.execute("SELECT 1")
     assert pool.closed
 
 
@@ -764,10 +762,10 @@ def test_bad_arguments_are_clear(make_pool):
 # -- secrets -------------------------------------------------------------------------------------
 
 
-def test_password_never_shown(make_pool, pg_primary, caplog, dead_port):
+def test_password_never_shown(make_pool, pg_server, caplog, dead_port):
     caplog.set_level(logging.DEBUG)
     pool = make_pool(minconn=1, maxconn=1, background_prewarm=False,
-                     dsn=pg_primary.dsn(password=SECRET))
+                     dsn=pg_server.dsn(password=SECRET))
     c = pool.getconn()
     texts = [repr(pool), str(pool.stats()), repr(pool._connector)]
     with pytest.raises(PoolTimeout) as info:
@@ -787,9 +785,9 @@ def test_password_never_shown(make_pool, pg_primary, caplog, dead_port):
 # -- the one supervisor ------------------------------------------------------------------------
 
 
-def test_one_supervisor_thread_for_ten_pools(pg_primary):
+def test_one_supervisor_thread_for_ten_pools(pg_server):
     before = {t.ident for t in threading.enumerate() if t.name != "pgregistry-supervisor"}
-    pools = [ConnectionPool(1, 2, dsn=pg_primary.dsn(), name=f"ten-{i}") for i in range(10)]
+    pools = [ConnectionPool(1, 2, dsn=pg_server.dsn(), name=f"ten-{i}") for i in range(10)]
     try:
         assert wait_until(lambda: all(p.stats()["size"] == 1 for p in pools))
         new = [t.name for t in threading.enumerate() if t.ident not in before]

@@ -82,9 +82,10 @@ def dns_server() -> Iterator[DnsServer]:
 
 
 @pytest.fixture
-def clean_db(pg_cluster: LocalCluster) -> PgServer:
-    """The session primary with no other client backends and an empty ``pgr_scratch`` table."""
-    primary = pg_cluster.primary
+def clean_db(request: pytest.FixtureRequest, pg_server: SqlServer) -> SqlServer:
+    """The single-server backend (``pg_server``) with no other client backends and an empty
+    ``pgr_scratch`` table (replicated, when it is the session cluster's primary)."""
+    primary = pg_server
     rows = primary.execute(
         "SELECT pid FROM pg_stat_activity"
         " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
@@ -108,7 +109,10 @@ def clean_db(pg_cluster: LocalCluster) -> PgServer:
         log.debug("clean_db terminated %d backends", len(victims))
     primary.execute("DROP TABLE IF EXISTS pgr_scratch")
     primary.execute("CREATE TABLE pgr_scratch (id serial PRIMARY KEY, v text)")
-    pg_cluster.wait_replicated()
+    if isinstance(primary, PgServer):
+        cluster: LocalCluster = request.getfixturevalue("pg_cluster")
+        if cluster.primary is primary:
+            cluster.wait_replicated()
     return primary
 
 
