@@ -478,11 +478,16 @@ class ConnectionPool:
         self._waiters.append(w)
         t0 = time.monotonic()
         deadline = t0 + timeout
-        while w.conn is None and not w.permit and w.error is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            w.cond.wait(remaining)
+        try:
+            while w.conn is None and not w.permit and w.error is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                w.cond.wait(remaining)
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, ...): whatever was handed over goes back.
+            self._abandon_wait_locked(w)
+            raise
         waited = time.monotonic() - t0
         self._n_waits += 1
         self._wait_total_s += waited
@@ -497,6 +502,24 @@ class ConnectionPool:
         self._waiters.remove(w)
         self._n_timeouts += 1
         raise self._timeout_error(waited, timeout)
+
+    def _abandon_wait_locked(self, w: _Waiter) -> None:
+        if w.conn is not None:
+            e = self._entries.get(id(w.conn))
+            if e is not None and e.state == IN_USE:
+                if self._waiters:
+                    self._handoff_locked(w.conn)
+                else:
+                    e.state = IDLE
+                    e.conn = w.conn
+                    self._n_in_use -= 1
+                    self._idle.append(e)
+        elif w.permit:
+            self._size -= 1
+            self._opening -= 1
+            self._grant_permits_locked()
+        elif w in self._waiters:
+            self._waiters.remove(w)
 
     def _handoff_locked(self, conn: Connection) -> None:
         """Give a checked-out-state connection to the oldest waiter (its entry stays IN_USE)."""

@@ -812,3 +812,36 @@ def test_a_hanging_host_delays_other_pools_by_one_attempt_at_most(
     stepped.clock.advance(1.2)
     stepped.run_until_idle()
     assert hung.stats()["connect_errors"] == 2
+
+
+def test_an_interrupted_waiter_gives_back_what_it_was_handed(make_pool):
+    import ctypes
+
+    pool = make_pool(minconn=0, maxconn=1)
+    held = pool.getconn()
+    outcome = []
+
+    def wait():
+        try:
+            pool.getconn(timeout=10)
+        except KeyboardInterrupt:
+            outcome.append("interrupted")
+
+    t = threading.Thread(target=wait)
+    t.start()
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
+    # hand the connection over and interrupt the waiter (blocked in Condition.wait, where the
+    # exception is raised as it wakes) before it can take it
+    with pool._lock:
+        e = pool._entries[id(held)]
+        e.last_used_at = 0
+        pool._handoff_locked(held)
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(t.ident), ctypes.py_object(KeyboardInterrupt)
+        )
+    t.join(10)
+    assert outcome == ["interrupted"]
+    s = pool.stats()
+    assert (s["size"], s["idle"], s["in_use"], s["waiting"]) == (1, 1, 0, 0)
+    assert pool.getconn(timeout=0) is held
+    pool.putconn(held)
