@@ -845,3 +845,16 @@ def test_an_interrupted_waiter_gives_back_what_it_was_handed(make_pool):
     assert (s["size"], s["idle"], s["in_use"], s["waiting"]) == (1, 1, 0, 0)
     assert pool.getconn(timeout=0) is held
     pool.putconn(held)
+
+
+def test_a_closed_or_collected_pool_leaves_the_supervisor(pg_server, stepped):
+    a = ConnectionPool(0, 2, dsn=pg_server.dsn(), supervisor=stepped)
+    b = ConnectionPool(0, 2, dsn=pg_server.dsn(), supervisor=stepped)
+    stepped.run_until_idle()
+    assert stepped.scheduler.next_deadline() is not None
+    a.close()
+    del b
+    gc.collect()
+    stepped.clock.advance(120)
+    stepped.run_until_idle()
+    assert stepped.scheduler.next_deadline() is None  # nothing left on the schedule
