@@ -1,28 +1,54 @@
-"""Opening one connection, and showing connection parameters without their secrets.
+"""Opening one connection: which address, in what order, within what budget; and showing
+connection parameters without their secrets.
 
-The connector owns the libpq parameters of a pool (from ``dsn`` and keywords, keywords win as
-in libpq) and opens a psycopg2 connection with them. It never logs or shows a password."""
+The connector owns a pool's libpq parameters (``dsn`` merged with keywords, keywords win as in
+libpq), its host names (``host=a,b port=1,2`` lists as libpq takes them, ``PGHOST``/``PGPORT``
+when absent), their resolution and the per-address book. Each attempt goes to one address with
+``hostaddr=<ip>`` while ``host=<name>`` stays for TLS verification and pg_hba; on failure the
+next address is tried while the caller's budget lasts. It never logs or shows a password.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import random
 import re
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 
-__all__ = ["Connector", "redact_params", "redact_dsn", "parse_conninfo"]
+from .addresses import Address, AddressBook
+from .clock import REAL_CLOCK, Clock
+from .resolver import DnsSettings, HostResolver, ResolutionError, is_ip_literal, is_socket_path
+
+__all__ = [
+    "Connector",
+    "ConnectFailed",
+    "Target",
+    "redact_params",
+    "redact_dsn",
+    "parse_conninfo",
+    "describe",
+]
 
 logger = logging.getLogger(__name__)
 
 SECRET_KEYS = frozenset({"password", "sslpassword"})
 REDACTED = "***"
 DEFAULT_CONNECT_TIMEOUT = 5
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
 
 # psycopg2.connect() keywords that are not libpq parameters
 _PSYCOPG_KEYS = frozenset({"connection_factory", "cursor_factory"})
+# parameters the connector sets per attempt
+_PER_ATTEMPT = frozenset({"host", "hostaddr", "port", "connect_timeout", "target_session_attrs",
+                          "load_balance_hosts"})
 
 _URI_PASSWORD = re.compile(r"^(?P<head>[a-z]+://[^:/@]*:)(?P<pw>[^@]*)(?P<tail>@.*)$", re.I)
 _KV_PASSWORD = re.compile(r"(?P<key>\b(?:ssl)?password\s*=\s*)(?P<val>'(?:[^'\\]|\\.)*'|\S+)", re.I)
@@ -41,7 +67,9 @@ def parse_conninfo(dsn: str | None, kwargs: Mapping[str, Any]) -> dict[str, str]
         if value is None:
             params.pop(key, None)
         else:
-            params[key] = str(value)
+            params["dbname" if key == "database" else key] = str(value)
+    if "database" in params:
+        params.setdefault("dbname", params.pop("database"))
     return params
 
 
@@ -65,37 +93,254 @@ def describe(params: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in shown.items())
 
 
+@dataclass(frozen=True)
+class Target:
+    """One host of the connection string: a name to resolve, an IP literal, a socket
+    directory, or '' (libpq's default); with its port and an optional user-given hostaddr."""
+
+    host: str
+    port: str
+    hostaddr: str | None = None
+
+    @property
+    def needs_dns(self) -> bool:
+        return (
+            self.hostaddr is None
+            and bool(self.host)
+            and not is_ip_literal(self.host)
+            and not is_socket_path(self.host)
+        )
+
+    @property
+    def label(self) -> str:
+        return f"{self.host or 'default'}:{self.port}"
+
+
+def parse_targets(params: Mapping[str, str]) -> list[Target]:
+    hosts_s = params.get("host") or os.environ.get("PGHOST") or ""
+    ports_s = params.get("port") or os.environ.get("PGPORT") or "5432"
+    addrs_s = params.get("hostaddr") or os.environ.get("PGHOSTADDR") or ""
+    addrs = [a.strip() for a in addrs_s.split(",")] if addrs_s else []
+    hosts = [h.strip() for h in hosts_s.split(",")] if hosts_s else [""] * max(1, len(addrs))
+    ports = [p.strip() or "5432" for p in ports_s.split(",")]
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(ports) != len(hosts):
+        raise ValueError(f"{len(ports)} ports for {len(hosts)} hosts: give one, or one per host")
+    if addrs and len(addrs) != len(hosts):
+        raise ValueError(f"{len(addrs)} hostaddrs for {len(hosts)} hosts: give one per host")
+    return [
+        Target(h, p, (addrs[i] or None) if addrs else None)
+        for i, (h, p) in enumerate(zip(hosts, ports, strict=True))
+    ]
+
+
+class ConnectFailed(Exception):
+    """Every address tried failed (or none could be found). ``attempts`` holds (address, kind,
+    message) for each try; ``__cause__`` is the last error."""
+
+    def __init__(self, target: str, attempts: list[tuple[str, str, str]],
+                 resolution: list[ResolutionError]) -> None:
+        self.target = target
+        self.attempts = attempts
+        self.resolution = resolution
+        parts = [f"{label} {kind} ({msg})" for label, kind, msg in attempts]
+        parts += [str(err) for err in resolution]
+        if not attempts and not resolution:
+            parts = ["no address to try"]
+        super().__init__(f"cannot connect to {target}: " + "; ".join(parts))
+
+
+def classify(exc: BaseException) -> str:
+    """What a failed connect says about the address."""
+    text = str(exc)
+    low = text.lower()
+    if "connection refused" in low:
+        return "refused"
+    if "timeout expired" in low or "timed out" in low:
+        return "timeout"
+    if ("hot standby mode" in low or "session is read-only" in low
+            or "session is not read-only" in low):
+        return "wrong_role"
+    if ("authentication" in low or "pg_hba.conf" in low or "does not exist" in low
+            or "permission denied" in low or "password" in low):
+        return "rejected"  # the server answered: a problem of the settings, not the address
+    if "too many clients" in low or "starting up" in low or "shutting down" in low:
+        return "unavailable"
+    return "error"
+
+
+def first_line(exc: BaseException) -> str:
+    """The useful part of a libpq error: what failed, without the "connection to server at"
+    preamble (the address is said elsewhere)."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    _, sep, rest = line.partition(" failed: ")
+    return rest if sep else line
+
+
 class Connector:
-    """Opens connections with one pool's parameters.
+    """Opens connections with one pool's parameters, over the addresses of its hosts."""
 
-    ``params`` are libpq parameters; ``connect_kwargs`` may also hold psycopg2's
-    ``connection_factory`` and ``cursor_factory``."""
-
-    def __init__(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        dns: DnsSettings | Mapping[str, Any] | None = None,
+        resolver: HostResolver | None = None,
+        clock: Clock = REAL_CLOCK,
+        placement: str = "least_connections",
+        ban_initial: float = 1.0,
+        ban_max: float = 60.0,
+        rng: random.Random | None = None,
+        **connect_kwargs: Any,
+    ) -> None:
         extra = {k: connect_kwargs.pop(k) for k in list(connect_kwargs) if k in _PSYCOPG_KEYS}
         if "async_" in connect_kwargs or "async" in connect_kwargs:
             raise ValueError("asynchronous connections cannot be pooled")
         self.params: dict[str, str] = parse_conninfo(dsn, connect_kwargs)
         self.params.setdefault("connect_timeout", str(DEFAULT_CONNECT_TIMEOUT))
+        try:
+            self.connect_timeout = int(self.params["connect_timeout"])
+        except ValueError:
+            raise ValueError(
+                f"connect_timeout must be whole seconds, got {self.params['connect_timeout']!r}"
+            ) from None
+        tsa = self.params.get("target_session_attrs", "any")
+        if tsa not in TARGET_SESSION_ATTRS:
+            raise ValueError(f"target_session_attrs must be one of {TARGET_SESSION_ATTRS}, "
+                             f"got {tsa!r}")
+        self.target_session_attrs = tsa
+        self.targets = parse_targets(self.params)
+        self._base = {k: v for k, v in self.params.items() if k not in _PER_ATTEMPT}
         self._factory_kwargs = {k: v for k, v in extra.items() if v is not None}
+        self.clock = clock
+        self.resolver = resolver or HostResolver(dns, clock)
+        self.book = AddressBook(placement=placement, ban_initial=ban_initial, ban_max=ban_max,
+                                rng=rng)
+        self._removed: list[str] = []
+        for t in self.targets:  # addresses that need no lookup are known from the start
+            if not t.needs_dns:
+                self.book.sync(t.host, t.port, [t.hostaddr or (t.host if is_ip_literal(t.host)
+                                                                else None)])
 
     @property
     def host_label(self) -> str:
-        """Where connections go, for logs and stats: ``host:port`` (or the socket directory)."""
-        host = self.params.get("host") or self.params.get("hostaddr") or "localhost"
-        port = self.params.get("port") or "5432"
-        return f"{host}:{port}"
+        """Where connections go, for logs and errors: ``host:port[,host:port]``."""
+        return ",".join(t.label for t in self.targets)
 
-    def connect(self, **overrides: str) -> psycopg2.extensions.connection:
-        """Open one connection (blocking, bounded by libpq's ``connect_timeout``)."""
-        params = {**self.params, **overrides} if overrides else self.params
-        conn: psycopg2.extensions.connection = psycopg2.connect(  # type: ignore[call-overload]
-            **params, **self._factory_kwargs
-        )
-        return conn
+    @property
+    def placement(self) -> str:
+        return self.book.placement
 
     def describe(self) -> str:
         return describe(self.params)
 
     def __repr__(self) -> str:
         return f"Connector({self.describe()})"
+
+    # -- addresses --------------------------------------------------------------------------
+
+    def sync(self) -> list[ResolutionError]:
+        """Bring the address book in line with the resolver's answers (from its cache; a name
+        never resolved is queried now). Returns the names that could not be resolved."""
+        errors: list[ResolutionError] = []
+        for t in self.targets:
+            if not t.needs_dns:
+                continue
+            try:
+                ips = self.resolver.addresses(t.host)
+            except ResolutionError as exc:
+                errors.append(exc)
+                continue
+            _, removed = self.book.sync(t.host, t.port, ips)
+            if removed:
+                self._removed.extend(removed)
+        return errors
+
+    def refresh_due(self) -> float | None:
+        """When the resolver next wants to refresh one of this connector's names."""
+        names = {t.host.lower() for t in self.targets if t.needs_dns}
+        if not names:
+            return None
+        dues = [a.refresh_at for n, a in self.resolver.answers().items() if n in names]
+        return min(dues) if dues else None
+
+    def refresh(self, now: float) -> None:
+        """Refresh the names whose answers are due (the supervisor calls this), then sync."""
+        due = set(self.resolver.due_names(now))
+        for t in self.targets:
+            if t.needs_dns and t.host.lower() in due:
+                due.discard(t.host.lower())
+                try:
+                    self.resolver.refresh(t.host)
+                except ResolutionError as exc:
+                    logger.warning("%s", exc)
+        self.sync()
+
+    def take_removed(self) -> list[str]:
+        """Addresses that left their host's DNS answer since the last call."""
+        removed, self._removed = self._removed, []
+        return removed
+
+    # -- connecting -------------------------------------------------------------------------
+
+    def connect(
+        self, deadline: float | None = None, prefer: str | None = None
+    ) -> tuple[psycopg2.extensions.connection, Address]:
+        """Open one connection: try the addresses in placement order (``prefer`` first) until
+        one connects, each attempt bounded by ``connect_timeout`` and by what is left until
+        ``deadline`` (``time.monotonic()`` seconds). Raises :class:`ConnectFailed`."""
+        resolution = self.sync()
+        order = self.book.order(self.clock.monotonic(), prefer)
+        attempts: list[tuple[str, str, str]] = []
+        last: BaseException | None = resolution[-1] if resolution else None
+        two_pass = self.target_session_attrs == "prefer-standby"
+        passes = ["standby", "any"] if two_pass else [self.target_session_attrs]
+        wrong_role: list[Address] = []
+        for i, tsa in enumerate(passes):
+            for a in order if i == 0 else wrong_role:
+                timeout_s = self.connect_timeout  # 0: libpq waits indefinitely
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 and attempts:
+                        break  # the budget is spent; at least one address was tried
+                    budget_s = max(1, math.ceil(remaining))
+                    timeout_s = min(timeout_s, budget_s) if timeout_s else budget_s
+                self.book.reserve(a)
+                kw = dict(self._base)
+                kw["port"] = a.port
+                if timeout_s:
+                    kw["connect_timeout"] = str(int(timeout_s))
+                if a.host:
+                    kw["host"] = a.host
+                if a.ip is not None:
+                    kw["hostaddr"] = a.ip
+                if tsa != "any":
+                    kw["target_session_attrs"] = tsa
+                try:
+                    conn = psycopg2.connect(**kw, **self._factory_kwargs)  # type: ignore[call-overload]
+                except psycopg2.OperationalError as exc:
+                    last = exc
+                    kind = classify(exc)
+                    first_pass_role = two_pass and i == 0 and kind == "wrong_role"
+                    if first_pass_role:
+                        wrong_role.append(a)
+                    ban_s = self.book.failed(
+                        a, self.clock.monotonic(), kind, first_line(exc),
+                        ban=kind != "rejected" and not first_pass_role,
+                    )
+                    attempts.append((a.label, kind, first_line(exc)))
+                    if not first_pass_role:
+                        logger.warning(
+                            "connect to %s (%s) failed: %s: %s%s", a.label, a.host or "default",
+                            kind, first_line(exc),
+                            f"; banned for {ban_s:.1f} s" if ban_s else "",
+                        )
+                    continue
+                except BaseException:
+                    self.book.unreserve(a)
+                    raise
+                self.book.opened(a)
+                return conn, a
+        err = ConnectFailed(self.host_label, attempts, resolution)
+        raise err from last

@@ -20,8 +20,8 @@ import os
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -29,7 +29,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .clock import REAL_CLOCK, Clock
-from .connector import Connector
+from .connector import ConnectFailed, Connector
 from .entry import CLOSED, IDLE, IN_USE, RETURNING, Entry
 from .errors import (
     BadConnectionError,
@@ -39,6 +39,7 @@ from .errors import (
     PoolTimeout,
     PoolTooManyWaiters,
 )
+from .resolver import DnsSettings, HostResolver
 from .supervisor import Supervisor, get_supervisor
 
 __all__ = ["ConnectionPool"]
@@ -153,7 +154,13 @@ class ConnectionPool:
         clock: Clock | None = None,
         supervisor: Supervisor | None = None,
         rng: random.Random | None = None,
-        connector: Connector | None = None,
+        dns: DnsSettings | Mapping[str, Any] | None = None,
+        resolver: HostResolver | None = None,
+        placement: str = "least_connections",
+        address_ban: float = 1.0,
+        address_ban_max: float = 60.0,
+        rebalance_fraction: float = 0.25,
+        rebalance_interval: float = 1.0,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(minconn, maxconn)
@@ -171,12 +178,19 @@ class ConnectionPool:
             raise ValueError(f"reuse must be 'fifo' or 'lifo', got {reuse!r}")
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting!r}")
+        if not 0 < rebalance_fraction <= 1:
+            raise ValueError(f"rebalance_fraction must be in (0, 1], got {rebalance_fraction!r}")
 
         self.name = name or f"pool-{next(_pool_counter)}"
-        self._connector = connector or Connector(dsn, **connect_kwargs)
         self._clock = clock or (supervisor.clock if supervisor else REAL_CLOCK)
         self._supervisor = supervisor or get_supervisor()
         self._rng = rng or random.Random()
+        self._connector = Connector(
+            dsn, dns=dns, resolver=resolver, clock=self._clock, placement=placement,
+            ban_initial=address_ban, ban_max=address_ban_max, rng=self._rng, **connect_kwargs,
+        )
+        self.rebalance_fraction = rebalance_fraction
+        self.rebalance_interval = rebalance_interval
         self._lock = threading.Lock()
 
         # settings (changed only through resize()/retune(), under the lock)
@@ -210,6 +224,8 @@ class ConnectionPool:
         self._next_reap_at = now + reap_idle_interval if reap_idle_interval else math.inf
         self._backoff_s = 0.0
         self._backoff_until = 0.0
+        self._rebalance_tick_end = 0.0
+        self._moves_this_tick = 0
         self._last_connect_error: BaseException | None = None
         # orphans: weakrefs of checked-out connections that were garbage-collected. Appended
         # lock-free by the weakref callback (which may run inside any code, even under _lock).
@@ -304,7 +320,8 @@ class ConnectionPool:
                         return conn
                     # else: a permit to open a connection (slot already counted)
             if conn is None:
-                return self._open_checked_out()
+                budget = self.timeout if timeout is None else timeout
+                return self._open_checked_out(time.monotonic() + budget if budget > 0 else None)
             if ping and not self._ping(conn):
                 self._discard(e, conn, "validation")
                 continue
@@ -439,7 +456,45 @@ class ConnectionPool:
                 "wait_total_s": self._wait_total_s,
                 "wait_max_s": self._wait_max_s,
                 "rollbacks": self._n_rollbacks,
+                "placement": self._connector.placement,
+                "addresses": self._address_stats_locked(),
+                "dns": self._dns_stats(),
             }
+
+    def _address_stats_locked(self) -> dict[str, dict[str, Any]]:
+        now = self._clock.monotonic()
+        addresses = self._connector.book.snapshot(now)
+        for a in addresses.values():
+            a["in_use"] = 0
+            a["idle"] = 0
+        for e in self._entries.values():
+            row = addresses.get(e.address)
+            if row is None:
+                continue
+            if e.state == IDLE:
+                row["idle"] += 1
+            elif e.state in (IN_USE, RETURNING):
+                row["in_use"] += 1
+        return addresses
+
+    def _dns_stats(self) -> dict[str, dict[str, Any]]:
+        now = self._clock.monotonic()
+        names = {t.host.lower() for t in self._connector.targets if t.needs_dns}
+        out: dict[str, dict[str, Any]] = {}
+        for name, ans in self._connector.resolver.answers().items():
+            if name not in names:
+                continue
+            out[name] = {
+                "addresses": list(ans.addresses),
+                "ttl_s": ans.ttl,
+                "expires_in_s": ans.expires_at - now,
+                "stale": ans.stale,
+                "queries": ans.queries,
+                "refresh_failures": ans.refresh_failures,
+                "stale_served": ans.stale_served,
+                "last_error": ans.last_error,
+            }
+        return out
 
     def status(self) -> dict[str, int | float]:
         """psqlpy's four figures."""
@@ -551,11 +606,17 @@ class ConnectionPool:
 
     # -- opening ----------------------------------------------------------------------------
 
-    def _open_entry(self) -> tuple[Entry, Connection]:
+    def _open_entry(
+        self, deadline: float | None = None, prefer: str | None = None
+    ) -> tuple[Entry, Connection]:
         """Open one connection for a slot already counted in ``_size``. On failure the slot is
         given back and :class:`ConnectError` raised. Runs without the lock."""
         try:
-            conn = self._connector.connect()
+            conn, address = self._connector.connect(deadline, prefer)
+        except ConnectFailed as exc:
+            cause = exc.__cause__ or exc
+            self._open_failed(cause)
+            raise ConnectError(f"pool {self.name!r}: {exc}", pool=self.name) from cause
         except Exception as exc:
             self._open_failed(exc)
             raise ConnectError(
@@ -563,10 +624,13 @@ class ConnectionPool:
                 f"{_summarise_error(exc)}",
                 pool=self.name,
             ) from exc
+        finally:
+            self._maybe_retire_removed()
         try:
             self._prepare(conn)
         except BaseException as exc:
             _close_quietly(conn)
+            self._connector.book.closed(address.label)
             self._open_failed(exc)
             if isinstance(exc, PoolError):
                 raise
@@ -576,7 +640,7 @@ class ConnectionPool:
         now = self._clock.monotonic()
         e = Entry(
             conn,
-            address=self._connector.host_label,
+            address=address.label,
             created_at=now,
             expires_at=self._expiry(now),
             on_lost=self._on_lost,
@@ -614,8 +678,8 @@ class ConnectionPool:
                     pool=self.name,
                 )
 
-    def _open_checked_out(self) -> Connection:
-        e, conn = self._open_entry()
+    def _open_checked_out(self, deadline: float | None) -> Connection:
+        e, conn = self._open_entry(deadline)
         with self._lock:
             if self._closed:
                 self._forget_locked(e)
@@ -710,6 +774,7 @@ class ConnectionPool:
         if self._entries.get(e.key) is e:
             del self._entries[e.key]
             self._size -= 1
+            self._connector.book.closed(e.address)
         e.state = CLOSED
         e.conn = None
         e.wref = None  # drops the weakref, so its callback will not fire for this close
@@ -793,52 +858,31 @@ class ConnectionPool:
         return len(doomed)
 
     def _maintain(self, now: float) -> float | None:
-        """One maintenance step (the supervisor calls this). Closes what is due, opens at most
-        one connection toward ``minconn``, and returns when it wants to run next."""
+        """One maintenance step (the supervisor calls this): refresh DNS when due and retire
+        addresses that left it, close what is due, then open at most one connection (toward
+        ``minconn``, or to even the spread over addresses). Returns when to run next."""
         if self._closed:
             return None
         if os.getpid() != self._pid:  # forked: the parent's connections are not ours to touch
             return None
+        due = self._connector.refresh_due()
+        if due is not None and now >= due:
+            self._connector.refresh(now)
+            self._maybe_retire_removed()
         reap_idle = bool(self.reap_idle_interval) and now >= self._next_reap_at
         if reap_idle:
             self._next_reap_at = now + self.reap_idle_interval
         self._reap(now, reap_idle=reap_idle)
 
-        with self._lock:
-            need = (
-                not self._closed
-                and self._size < self._minconn
-                and now >= self._backoff_until
-            )
-            if need:
-                self._size += 1
-                self._opening += 1
-        if need:
-            try:
-                e, conn = self._open_entry()
-            except PoolError as exc:
-                self._backoff_s = min(
-                    self._backoff_max, max(self._backoff_initial, self._backoff_s * 2)
-                )
-                self._backoff_until = now + self._backoff_s * self._rng.uniform(0.9, 1.1)
-                logger.warning(
-                    "pool %s: prewarm failed, retrying in %.1f s: %s",
-                    self.name, self._backoff_s, exc.__cause__ or exc,
-                )
-            else:
-                with self._lock:
-                    late = self._closed
-                    if late:
-                        self._forget_locked(e)
-                    else:
-                        self._release_new_locked(e, conn)
-                if late:
-                    self._close_conn(e, conn, "pool_closed")
+        opened = self._maybe_prewarm(now)
+        busy = opened or self._maybe_rebalance(now)
 
         with self._lock:
             if self._closed:
                 return None
             nxt = now + RECHECK_INTERVAL_S
+            if busy:
+                nxt = now  # more to do: again, after whatever else is due
             if self._size < self._minconn:
                 nxt = min(nxt, max(now, self._backoff_until))
             for e in self._idle:
@@ -846,7 +890,145 @@ class ConnectionPool:
                     nxt = e.expires_at
             if self.reap_idle_interval and self._size > self._minconn:
                 nxt = min(nxt, self._next_reap_at)
-            return nxt
+        due = self._connector.refresh_due()
+        if due is not None:
+            nxt = min(nxt, max(now, due))
+        if self._moves_this_tick:  # a tick's moves ran out: look again when it ends
+            nxt = min(nxt, max(now, self._rebalance_tick_end))
+        return nxt
+
+    def _maybe_prewarm(self, now: float) -> bool:
+        """Open one connection if the pool is below ``minconn`` and not backing off."""
+        with self._lock:
+            need = not self._closed and self._size < self._minconn and now >= self._backoff_until
+            if need:
+                self._size += 1
+                self._opening += 1
+        if not need:
+            return False
+        try:
+            e, conn = self._open_entry()
+        except PoolError as exc:
+            grown = max(self._backoff_initial, self._backoff_s * 2)
+            self._backoff_s = min(self._backoff_max, grown)
+            self._backoff_until = now + self._backoff_s * self._rng.uniform(0.9, 1.1)
+            logger.warning(
+                "pool %s: prewarm failed, retrying in %.1f s: %s",
+                self.name, self._backoff_s, exc,
+            )
+            return False
+        self._join(e, conn)
+        return True
+
+    def _join(self, e: Entry, conn: Connection) -> None:
+        """A connection opened by maintenance joins the pool (or is closed, if it closed)."""
+        with self._lock:
+            late = self._closed
+            if late:
+                self._forget_locked(e)
+            else:
+                self._release_new_locked(e, conn)
+        if late:
+            self._close_conn(e, conn, "pool_closed")
+
+    # -- addresses ----------------------------------------------------------------------------
+
+    def _maybe_retire_removed(self) -> None:
+        removed = self._connector.take_removed()
+        if removed:
+            self._retire_addresses(removed, "dns_change")
+
+    def _retire_addresses(self, labels: list[str], reason: str) -> None:
+        """Connections to these addresses: idle ones closed now, checked-out ones on return."""
+        gone = set(labels)
+        doomed: list[tuple[Entry, Connection]] = []
+        n_busy = 0
+        with self._lock:
+            for e in list(self._entries.values()):
+                if e.address not in gone or e.doom_reason is not None:
+                    continue
+                if e.state == IDLE:
+                    doomed.append((e, self._forget_locked(e)))
+                else:
+                    e.doom_reason = reason
+                    e.expires_at = -math.inf
+                    n_busy += 1
+            if doomed:
+                self._idle = deque(x for x in self._idle if x.state == IDLE)
+        logger.info(
+            "pool %s: address(es) %s left DNS: closing %d idle connection(s), %d more on return",
+            self.name, ", ".join(sorted(gone)), len(doomed), n_busy,
+        )
+        for e, conn in doomed:
+            self._close_conn(e, conn, reason)
+        if doomed:
+            self._supervisor.request(self._task)
+
+    def _maybe_rebalance(self, now: float) -> bool:
+        """Move one connection from the most to the least loaded healthy address when the
+        spread is uneven by more than one: open one on the least loaded (make before break),
+        then close an idle one on the most loaded, or mark a checked-out one there to close on
+        return. At most ``rebalance_fraction`` of the pool moves per ``rebalance_interval``.
+        Returns whether it did something."""
+        if self._connector.placement != "least_connections":
+            return False
+        if now >= self._rebalance_tick_end:
+            self._rebalance_tick_end = now + self.rebalance_interval
+            self._moves_this_tick = 0
+        with self._lock:
+            if self._closed or not self._entries:
+                return False
+            limit = max(1, math.ceil(self.rebalance_fraction * self._size))
+            if self._moves_this_tick >= limit:
+                return False
+            leaving = Counter(e.address for e in self._entries.values() if e.doom_reason)
+        found = self._connector.book.balance(now, discount=leaving)
+        if found is None:
+            return False
+        hi, lo, _ = found
+        victim_conn: Connection | None = None
+        with self._lock:
+            if self._closed:
+                return False
+            victim = next((e for e in self._idle if e.address == hi), None)
+            if victim is not None:
+                # reserve it: out of the idle queue, so no checkout can take it meanwhile
+                self._idle.remove(victim)
+                victim.state = RETURNING
+            else:
+                busy = next((e for e in self._entries.values() if e.address == hi
+                             and e.state == IN_USE and e.doom_reason is None), None)
+                if busy is None:
+                    return False
+                busy.doom_reason = "rebalance"  # closes when it comes back
+                busy.expires_at = -math.inf
+            self._moves_this_tick += 1
+            if self._size < self._maxconn:
+                self._size += 1
+                self._opening += 1
+            elif victim is not None:  # no room to make before break
+                victim_conn = self._forget_locked(victim)
+                self._size += 1
+                self._opening += 1
+            else:
+                return True  # at maxconn with nothing idle: the return makes room
+        if victim_conn is not None:
+            self._close_conn(victim, victim_conn, "rebalance")  # type: ignore[arg-type]
+        try:
+            e, conn = self._open_entry(prefer=lo)
+        except PoolError as exc:
+            logger.warning("pool %s: rebalancing toward %s failed: %s", self.name, lo, exc)
+            if victim is not None and victim_conn is None:  # still good: back to idle
+                with self._lock:
+                    self._release_new_locked(victim, victim.conn)  # type: ignore[arg-type]
+            return False
+        self._join(e, conn)
+        if victim is not None and victim_conn is None:
+            with self._lock:
+                victim_conn = self._forget_locked(victim)
+            self._close_conn(victim, victim_conn, "rebalance")
+        logger.debug("pool %s: moved a connection from %s to %s", self.name, hi, e.address)
+        return True
 
     # -- errors -----------------------------------------------------------------------------
 

@@ -502,6 +502,8 @@ class PgServer:
         self._log_file: IO[bytes] | None = None
         self._frozen: dict[int, int] = {}  # pid -> start time of every process we SIGSTOPped
         self._lock = threading.RLock()
+        # more addresses to listen on besides ``host`` (e.g. "::1"); applied at the next start
+        self.extra_listen: list[str] = []
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -540,7 +542,7 @@ class PgServer:
         cmd = [
             str(Path(self.bindir) / "postgres"),
             "-D", str(self.datadir),
-            "-c", f"listen_addresses={self.host}",
+            "-c", f"listen_addresses={','.join([self.host, *self.extra_listen])}",
             "-c", f"port={self.port}",
             "-c", "unix_socket_directories=",
             "-c", f"cluster_name={self.name}",
