@@ -192,8 +192,10 @@ class Connector:
         ban_initial: float = 1.0,
         ban_max: float = 60.0,
         rng: random.Random | None = None,
+        name: str = "",
         **connect_kwargs: Any,
     ) -> None:
+        self.name = name
         extra = {k: connect_kwargs.pop(k) for k in list(connect_kwargs) if k in _PSYCOPG_KEYS}
         if "async_" in connect_kwargs or "async" in connect_kwargs:
             raise ValueError("asynchronous connections cannot be pooled")
@@ -274,7 +276,7 @@ class Connector:
                 try:
                     self.resolver.refresh(t.host)
                 except ResolutionError as exc:
-                    logger.warning("%s", exc)
+                    logger.warning("pool %s: %s", self.name, exc)
         self.sync()
 
     def take_removed(self) -> list[str]:
@@ -332,7 +334,8 @@ class Connector:
                     attempts.append((a.label, kind, first_line(exc)))
                     if not first_pass_role:
                         logger.warning(
-                            "connect to %s (%s) failed: %s: %s%s", a.label, a.host or "default",
+                            "pool %s: connect to %s (%s) failed: %s: %s%s",
+                            self.name, a.label, a.host or "default",
                             kind, first_line(exc),
                             f"; banned for {ban_s:.1f} s" if ban_s else "",
                         )

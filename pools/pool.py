@@ -187,7 +187,8 @@ class ConnectionPool:
         self._rng = rng or random.Random()
         self._connector = Connector(
             dsn, dns=dns, resolver=resolver, clock=self._clock, placement=placement,
-            ban_initial=address_ban, ban_max=address_ban_max, rng=self._rng, **connect_kwargs,
+            ban_initial=address_ban, ban_max=address_ban_max, rng=self._rng, name=self.name,
+            **connect_kwargs,
         )
         self.rebalance_fraction = rebalance_fraction
         self.rebalance_interval = rebalance_interval
