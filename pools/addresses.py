@@ -76,6 +76,24 @@ class AddressBook:
         self._by_label: dict[str, Address] = {}
         self._by_host: dict[tuple[str, str], list[str]] = {}
 
+    def set_placement(self, placement: str) -> None:
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.placement = placement
+
+    def set_bans(self, ban_initial: float, ban_max: float) -> None:
+        if ban_initial < 0 or ban_max < ban_initial:
+            raise ValueError("address bans: need 0 <= ban_initial <= ban_max")
+        self.ban_initial, self.ban_max = ban_initial, ban_max
+
+    def after_fork(self) -> None:
+        """In a forked child: no connections are ours; health is kept."""
+        self._lock = threading.Lock()
+        for a in self._by_label.values():
+            a.conns = a.opening = 0
+        for a in [a for a in self._by_label.values() if not a.active]:
+            del self._by_label[a.label]
+
     # -- the set of addresses ---------------------------------------------------------------
 
     def sync(self, host: str, port: str, ips: Iterable[str | None]) -> tuple[list[str], list[str]]:

@@ -279,6 +279,11 @@ class Connector:
                     logger.warning("pool %s: %s", self.name, exc)
         self.sync()
 
+    def after_fork(self) -> None:
+        self.book.after_fork()
+        self.resolver.after_fork()
+        self._removed = []
+
     def take_removed(self) -> list[str]:
         """Addresses that left their host's DNS answer since the last call."""
         removed, self._removed = self._removed, []

@@ -20,6 +20,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -244,6 +245,7 @@ class ConnectionPool:
         self._n_rollbacks = 0
 
         self._task = self._supervisor.register(self, due=math.inf)
+        _live_pools.add(self)
         orphans, request, task = self._orphans, self._supervisor.request, self._task
 
         def on_lost(wref: Any) -> None:
@@ -379,6 +381,62 @@ class ConnectionPool:
         """Close idle connections above ``minconn`` that have been idle longer than
         ``idle_timeout``, and idle ones past their lifetime. Returns how many were closed."""
         return self._reap(self._clock.monotonic(), reap_idle=True)
+
+    def owns(self, conn: object) -> bool:
+        """Whether ``conn`` is a connection this pool gave out and has not had back."""
+        e = self._entries.get(id(conn))
+        return e is not None and e.wref is not None and e.wref() is conn and e.state == IN_USE
+
+    # Settings a running pool takes in place; everything else is connection identity.
+    LIVE_SETTINGS = frozenset({
+        "minconn", "maxconn", "idle_timeout", "reap_idle_interval", "lifetime_timeout",
+        "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting",
+        "reuse", "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement",
+        "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval",
+    })
+
+    def retune(self, **settings: Any) -> None:
+        """Apply settings in place (sizes, timeouts, reuse order, placement, bans...). A new
+        ``lifetime_timeout`` applies to connections opened from now on."""
+        unknown = set(settings) - self.LIVE_SETTINGS
+        if unknown:
+            raise ValueError(f"cannot change {sorted(unknown)} on a running pool")
+        maxconn = settings.pop("maxconn", self._maxconn)
+        minconn = settings.pop("minconn", self._minconn)
+        _check_non_negative(**{k: v for k, v in settings.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        book = self._connector.book
+        if "placement" in settings:
+            book.set_placement(settings.pop("placement"))
+        if "address_ban" in settings or "address_ban_max" in settings:
+            book.set_bans(settings.pop("address_ban", book.ban_initial),
+                          settings.pop("address_ban_max", book.ban_max))
+        if "reuse" in settings:
+            reuse = settings.pop("reuse")
+            if reuse not in ("fifo", "lifo"):
+                raise ValueError(f"reuse must be 'fifo' or 'lifo', got {reuse!r}")
+            self._fifo = reuse == "fifo"
+        if "reconnect_backoff" in settings:
+            self._backoff_initial = settings.pop("reconnect_backoff")
+        if "reconnect_backoff_max" in settings:
+            self._backoff_max = settings.pop("reconnect_backoff_max")
+        settings.pop("background_prewarm", None)  # only meaningful at start
+        if "reap_idle_interval" in settings:
+            interval = settings.pop("reap_idle_interval")
+            self.reap_idle_interval = interval
+            self._next_reap_at = self._clock.monotonic() + interval if interval else math.inf
+        for key, value in settings.items():
+            setattr(self, key, value)
+        if (maxconn, minconn) != (self._maxconn, self._minconn):
+            self.resize(maxconn, minconn)
+        else:
+            self._supervisor.request(self._task)
+        logger.info("pool %s: retuned %s", self.name, sorted(settings) or "sizes")
+
+    def set_dns(self, dns: DnsSettings | Mapping[str, Any] | None) -> None:
+        """Resolve with new DNS settings from now on (answers are fetched afresh)."""
+        self._connector.resolver = HostResolver(dns, self._clock)
+        self._supervisor.request(self._task)
 
     def clear_idle(self, reason: str = "cleared") -> int:
         """Close every idle connection now, whatever ``minconn`` says (the supervisor refills
@@ -1031,6 +1089,37 @@ class ConnectionPool:
         logger.debug("pool %s: moved a connection from %s to %s", self.name, hi, e.address)
         return True
 
+    # -- fork ------------------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """In a child process: forget every inherited connection without closing it (its
+        socket is detached first), and start afresh; the supervisor prewarms anew."""
+        self._lock = threading.Lock()
+        inherited = list(self._entries.values())
+        for e in inherited:
+            conn = e.conn if e.conn is not None else (e.wref() if e.wref is not None else None)
+            if conn is not None:
+                _detach(conn)
+            e.state = CLOSED
+            e.wref = None
+            e.conn = None
+        self._entries.clear()
+        self._idle.clear()
+        self._waiters.clear()
+        self._orphans.clear()
+        self._size = self._opening = self._n_in_use = 0
+        self._backoff_s = self._backoff_until = 0.0
+        self._connector.after_fork()
+        self._pid = os.getpid()
+        if not self._closed:
+            self._supervisor.request(self._task)
+            self._supervisor.start_if_needed()
+        if inherited:
+            logger.info(
+                "pool %s: forked: %d inherited connection(s) left to the parent",
+                self.name, len(inherited),
+            )
+
     # -- errors -----------------------------------------------------------------------------
 
     def _counts_locked(self) -> dict[str, int]:
@@ -1092,6 +1181,36 @@ class ConnectionPool:
         raise BadConnectionError(
             f"pool {self.name!r}: this connection was not given out by this pool", pool=self.name
         )
+
+
+_live_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+
+
+def _detach(conn: Connection) -> None:
+    """Make an inherited connection harmless in a forked child: its socket descriptor now
+    points at /dev/null, so nothing the child does with it (libpq's goodbye on close or
+    deallocation included) reaches the parent's session."""
+    try:
+        fd = conn.fileno()
+    except Exception:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_live_pools):
+        try:
+            pool._after_fork_in_child()
+        except Exception:  # pragma: no cover - never break a fork
+            logger.exception("pool %s: resetting after fork failed", pool.name)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _check_sizes(minconn: int, maxconn: int | float) -> None:

@@ -163,6 +163,9 @@ class HostResolver:
         r.cache = None
         return r
 
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
     # -- reading ----------------------------------------------------------------------------
 
     def cached(self, name: str) -> Answer | None:

@@ -95,6 +95,10 @@ class Supervisor:
     def thread(self) -> threading.Thread | None:
         return self._thread
 
+    def start_if_needed(self) -> None:
+        """Start the thread if this supervisor runs one and it is not running (after a fork)."""
+        self._maybe_start()
+
     def _maybe_start(self) -> None:
         if self._autostart and (self._thread is None or not self._thread.is_alive()):
             self.start()
@@ -124,6 +128,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._pid = os.getpid()
+        self.scheduler._lock = threading.Lock()
 
 
 _process_supervisor: Supervisor | None = None

@@ -858,3 +858,49 @@ def test_a_closed_or_collected_pool_leaves_the_supervisor(pg_server, stepped):
     stepped.clock.advance(120)
     stepped.run_until_idle()
     assert stepped.scheduler.next_deadline() is None  # nothing left on the schedule
+
+
+# -- fork -------------------------------------------------------------------------------------
+
+
+def test_forked_child_never_touches_the_parents_connections(make_pool, pg_server):
+    import os
+
+    pool = make_pool(minconn=2, maxconn=4, background_prewarm=False, supervisor=None)
+    parent_pids = sorted(e.backend_pid for e in pool._entries.values())
+    held = pool.getconn()  # one checked out at the fork, too
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(r)
+            with pool.conn(timeout=10) as c, c.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                got = cur.fetchone()[0]
+            s = pool.stats()
+            os.write(w, f"{got} {s['connections_opened']} {s['size']}".encode())
+            pool.close()  # closing in the child must not close the parent's sessions
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(child, 0)
+    report = os.read(r, 100).decode().split()
+    os.close(r)
+    assert os.waitstatus_to_exitcode(status) == 0
+    child_pid, child_opened, child_size = int(report[0]), int(report[1]), int(report[2])
+    assert child_pid not in parent_pids and child_pid != pid(held)  # its own connection
+    # the parent's connections are alive and still its own
+    with held.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        assert cur.fetchone()[0] == pid(held)
+    pool.putconn(held)
+    conns = [pool.getconn() for _ in range(2)]
+    for c in conns:
+        with c.cursor() as cur:
+            cur.execute("SELECT 1")
+    assert {pid(c) for c in conns} <= set(parent_pids) | {pid(held)}  # reused, none broken
+    for c in conns:
+        pool.putconn(c)
+    assert pool.stats()["closed_by_reason"] == {}
