@@ -891,6 +891,7 @@ def test_forked_child_never_touches_the_parents_connections(make_pool, pg_server
     assert os.waitstatus_to_exitcode(status) == 0
     child_pid, child_opened, child_size = int(report[0]), int(report[1]), int(report[2])
     assert child_pid not in parent_pids and child_pid != pid(held)  # its own connection
+    assert child_opened >= 1 and child_size >= 1  # the child's pool started afresh
     # the parent's connections are alive and still its own
     with held.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
