@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pools registry schemas tests
+	$(VENV)/bin/ruff check pools registry schemas tests examples
 	$(VENV)/bin/mypy
 
 clean:

@@ -1,1 +1,12 @@
-"""pgregistry: the registry of named pools (to come)."""
+"""pgregistry's registry: named pools from one YAML file, reloaded on SIGHUP.
+
+    from registry import Registry, UnknownPoolError
+    reg = Registry.from_yaml("pools.yaml")
+    with reg.get("readers").conn() as conn: ...
+"""
+
+from .registry import PoolHandle, Registry, UnknownPoolError
+from .reload import ReloadPlan, ReloadResult, plan_reload
+
+__all__ = ["Registry", "PoolHandle", "UnknownPoolError", "ReloadPlan", "ReloadResult",
+           "plan_reload"]

@@ -1,0 +1,465 @@
+"""The Registry: named pools built from one validated configuration.
+
+The running state is one immutable *generation* ({name: pool}, its config, its number),
+swapped with a single assignment by a reload; readers never lock. ``get(name)`` returns a
+handle that looks the name up at each use, so a handle kept across a reload serves the new
+pool, and ``putconn`` through it always reaches the pool that gave the connection.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any
+
+import psycopg2.extensions
+
+from pools import ConnectionPool, PoolClosed, PoolError, Supervisor, get_supervisor
+from pools.clock import Clock
+from schemas import ConfigError, PoolConfig, RegistryConfig, load_config
+from schemas.errors import Problem
+
+from .reload import ReloadResult, plan_reload
+from .signals import install_sighup
+
+__all__ = ["Registry", "PoolHandle", "UnknownPoolError"]
+
+logger = logging.getLogger(__name__)
+
+Connection = psycopg2.extensions.connection
+
+
+class UnknownPoolError(KeyError):
+    """No pool of that name. Lists the names that exist, and a close match."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        close = difflib.get_close_matches(name, known, n=1)
+        msg = f"no pool named {name!r}; pools: {', '.join(known) or '(none)'}"
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    config: RegistryConfig
+    pools: Mapping[str, ConnectionPool]
+
+
+class _HandleCheckout:
+    """``with registry.get(name).conn() as conn``: returns it to the pool that gave it."""
+
+    __slots__ = ("_handle", "_timeout", "_pool", "_conn")
+
+    def __init__(self, handle: PoolHandle, timeout: float | None) -> None:
+        self._handle = handle
+        self._timeout = timeout
+        self._pool: ConnectionPool | None = None
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        self._pool, self._conn = self._handle._checkout(self._timeout)
+        return self._conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pool, conn = self._pool, self._conn
+        self._pool = self._conn = None
+        if pool is not None and conn is not None:
+            pool.putconn(conn)
+
+
+class PoolHandle:
+    """A cheap, never-stale reference to a named pool of a registry."""
+
+    __slots__ = ("_registry", "name")
+
+    def __init__(self, registry: Registry, name: str) -> None:
+        self._registry = registry
+        self.name = name
+
+    @property
+    def pool(self) -> ConnectionPool:
+        """The pool serving this name right now."""
+        try:
+            return self._registry._gen.pools[self.name]
+        except KeyError:
+            raise self._registry._unknown(self.name) from None
+
+    def _checkout(self, timeout: float | None) -> tuple[ConnectionPool, Connection]:
+        reg = self._registry
+        while True:
+            try:
+                pool = reg._gen.pools[self.name]
+            except KeyError:
+                raise reg._unknown(self.name) from None
+            try:
+                return pool, pool.getconn(timeout)
+            except PoolClosed:
+                # a reload retired this pool between the lookup and the checkout: use its
+                # successor (unless the registry itself is closed, or nothing replaced it)
+                if reg._closed or reg._gen.pools.get(self.name) is pool:
+                    raise
+
+    def conn(self, timeout: float | None = None) -> _HandleCheckout:
+        return _HandleCheckout(self, timeout)
+
+    def getconn(self, timeout: float | None = None) -> Connection:
+        return self._checkout(timeout)[1]
+
+    def putconn(self, conn: Connection, close: bool = False) -> None:
+        self._registry._putconn(self.name, conn, close)
+
+    def stats(self) -> dict[str, Any]:
+        return self.pool.stats()
+
+    def status(self) -> dict[str, int | float]:
+        return self.pool.status()
+
+    def __repr__(self) -> str:
+        return f"<PoolHandle {self.name!r}>"
+
+
+class Registry:
+    """Pools by name, from a :class:`RegistryConfig` (usually via :meth:`from_yaml`)."""
+
+    def __init__(
+        self,
+        config: RegistryConfig,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        supervisor: Supervisor | None = None,
+        clock: Clock | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._path = Path(path) if path is not None else None
+        self._environ = environ
+        self._supervisor = supervisor or get_supervisor()
+        self._clock = clock
+        self._reload_lock = threading.Lock()
+        self._closed = False
+        self._draining: list[ConnectionPool] = []
+        self._handles: dict[str, PoolHandle] = {}
+        self._restore_sighup: Any = None
+        self._reload_requested = False
+        self._reloads = 0
+        self._reload_errors = 0
+        self._last_reload_at: float | None = None
+        self._last_reload_error: str | None = None
+        self._last_result: ReloadResult | None = None
+        pools = self._build_all(config, config.pools)
+        self._gen = Generation(1, config, MappingProxyType(pools))
+        self._reload_task = self._supervisor.add_task(
+            f"registry {self._path or id(self)}", self._maintain, due=float("inf")
+        )
+        _live_registries.add(self)
+        logger.info(
+            "registry%s: %d pool(s): %s", f" {self._path}" if self._path else "",
+            len(pools), self._describe(config),
+        )
+
+    @classmethod
+    def from_yaml(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        install_sighup: bool | None = None,
+        supervisor: Supervisor | None = None,
+        clock: Clock | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Registry:
+        """Validate the file, build a pool per entry and register them with the supervisor.
+        Reloads on SIGHUP by default when called from the main thread (``install_sighup``)."""
+        config = load_config(path, environ=environ)
+        reg = cls(config, path=path, supervisor=supervisor, clock=clock, environ=environ)
+        if install_sighup is None:
+            install_sighup = threading.current_thread() is threading.main_thread()
+        if install_sighup:
+            reg.install_sighup()
+        return reg
+
+    # -- using pools ------------------------------------------------------------------------
+
+    def get(self, name: str) -> PoolHandle:
+        """A handle on the pool called ``name`` (it follows reloads)."""
+        handle = self._handles.get(name)
+        if handle is None:
+            if self._closed:
+                raise PoolError("the registry is closed")
+            if name not in self._gen.pools:
+                raise self._unknown(name)
+            handle = self._handles.setdefault(name, PoolHandle(self, name))
+        return handle
+
+    def __getitem__(self, name: str) -> PoolHandle:
+        return self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._gen.pools
+
+    def names(self) -> list[str]:
+        return list(self._gen.pools)
+
+    @property
+    def config(self) -> RegistryConfig:
+        return self._gen.config
+
+    @property
+    def generation(self) -> int:
+        return self._gen.number
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def _unknown(self, name: str) -> UnknownPoolError:
+        return UnknownPoolError(name, list(self._gen.pools))
+
+    def _putconn(self, name: str, conn: Connection, close: bool) -> None:
+        """Give ``conn`` back to the pool that gave it: the named pool, one retired by a
+        reload, or (misused handle) any other pool of this registry."""
+        gen = self._gen
+        current = gen.pools.get(name)
+        candidates = [current] if current is not None else []
+        candidates += [p for p in list(self._draining) if p is not current]
+        candidates += [p for n, p in gen.pools.items() if n != name]
+        for pool in candidates:
+            if pool.owns(conn):
+                pool.putconn(conn, close)
+                if pool.closed:
+                    self._prune_draining()
+                return
+        if current is None:
+            raise self._unknown(name)
+        current.putconn(conn, close)  # raises the pool's own precise error
+
+    def stats(self) -> dict[str, Any]:
+        """``{pool name: pool.stats()}``, plus ``"_registry"``: generation, reloads, the last
+        reload's time, result and error, and pools still draining."""
+        gen = self._gen
+        out: dict[str, Any] = {name: pool.stats() for name, pool in gen.pools.items()}
+        result = self._last_result
+        if self._draining:
+            self._prune_draining()
+        out["_registry"] = {
+            "path": str(self._path) if self._path else None,
+            "generation": gen.number,
+            "reloads": self._reloads,
+            "reload_errors": self._reload_errors,
+            "last_reload_at": (
+                _dt.datetime.fromtimestamp(self._last_reload_at, _dt.timezone.utc).isoformat()
+                if self._last_reload_at else None
+            ),
+            "last_reload_result": result.as_dict() if result else None,
+            "last_reload_error": self._last_reload_error,
+            "draining": [p.name for p in self._draining],
+        }
+        return out
+
+    # -- reloading --------------------------------------------------------------------------
+
+    def install_sighup(self) -> None:
+        """Reload on SIGHUP (main thread only). The handler records the request and wakes the
+        supervisor; the reload runs on the supervisor's thread."""
+        if self._restore_sighup is None:
+            self._restore_sighup = install_sighup(self.request_reload)
+
+    def request_reload(self) -> None:
+        """Ask for a reload on the supervisor's thread. Lock-free: safe in a signal handler."""
+        self._reload_requested = True
+        self._supervisor.request(self._reload_task)
+
+    def reload(self) -> ReloadResult:
+        """Read and validate the file again, then apply what changed. On any error the running
+        configuration is kept as it is, the error recorded in stats, and ConfigError raised."""
+        if self._path is None:
+            raise PoolError("this registry was not built from a file; use apply(config)")
+        with self._reload_lock:
+            self._check_open()
+            try:
+                config = load_config(self._path, environ=self._environ)
+            except ConfigError as exc:
+                self._reload_failed(exc)
+                raise
+            return self._apply_locked(config)
+
+    def apply(self, config: RegistryConfig) -> ReloadResult:
+        """Apply a new validated configuration (what reload does after loading)."""
+        with self._reload_lock:
+            self._check_open()
+            return self._apply_locked(config)
+
+    def _reload_failed(self, exc: BaseException) -> None:
+        self._reload_errors += 1
+        self._last_reload_at = time.time()
+        self._last_reload_error = str(exc)
+        logger.error(
+            "registry %s: reload failed, keeping generation %d as it is:\n%s",
+            self._path, self._gen.number, exc,
+        )
+
+    def _apply_locked(self, config: RegistryConfig) -> ReloadResult:
+        t0 = time.monotonic()
+        old = self._gen
+        plan = plan_reload(old.config, config)
+        if plan.changes_nothing:
+            result = ReloadResult(plan, old.number, time.monotonic() - t0)
+            self._record(result)
+            logger.info("registry %s: reload: nothing changed", self._path)
+            return result
+        try:
+            built = self._build_all(config, {n: config.pools[n]
+                                             for n in plan.added + plan.replaced})
+        except ConfigError as exc:
+            self._reload_failed(exc)
+            raise
+        dns = config.dns_settings()
+        for name in plan.retuned:
+            pool = old.pools[name]
+            before, after = old.config.pools[name], config.pools[name]
+            if before.live() != after.live():
+                pool.retune(**{k: v for k, v in after.live().items()
+                               if k in ConnectionPool.LIVE_SETTINGS})
+            if plan.dns_changed:
+                pool.set_dns(dns)
+        pools = {name: built.get(name) or old.pools[name] for name in config.pools}
+        self._gen = Generation(old.number + 1, config, MappingProxyType(pools))
+        for name in plan.replaced + plan.removed:
+            self._drain(old.pools[name])
+        result = ReloadResult(plan, self._gen.number, time.monotonic() - t0)
+        self._record(result)
+        logger.info("registry %s: reload to generation %d: %s", self._path, result.generation,
+                    plan.summary())
+        return result
+
+    def _record(self, result: ReloadResult) -> None:
+        self._reloads += 1
+        self._last_reload_at = time.time()
+        self._last_result = result
+        self._last_reload_error = None
+
+    def _drain(self, pool: ConnectionPool) -> None:
+        """Retire a pool: idle connections close now, checked-out ones when they come back."""
+        self._draining.append(pool)
+        pool.close()
+        self._prune_draining()
+        self._supervisor.request(self._reload_task)
+
+    def _prune_draining(self) -> None:
+        self._draining = [p for p in self._draining if p.stats()["size"] > 0]
+
+    def _maintain(self, now: float) -> float | None:
+        """The registry's task on the supervisor: run a requested reload, watch draining."""
+        if self._closed:
+            return None
+        if self._reload_requested:
+            self._reload_requested = False
+            try:
+                self.reload()
+            except ConfigError:
+                pass  # logged and recorded; the running config stays
+            except Exception:
+                logger.exception("registry %s: reload failed", self._path)
+        if self._draining:
+            self._prune_draining()
+        return now + 5.0 if self._draining else float("inf")
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _build_all(
+        self, config: RegistryConfig, pools: Mapping[str, PoolConfig]
+    ) -> dict[str, ConnectionPool]:
+        built: dict[str, ConnectionPool] = {}
+        problems: list[Problem] = []
+        dns = config.dns_settings()
+        for name, pc in pools.items():
+            try:
+                built[name] = ConnectionPool(
+                    name=name, dns=dns, supervisor=self._supervisor, clock=self._clock,
+                    **pc.pool_kwargs(),
+                )
+            except (ValueError, TypeError) as exc:
+                problems.append(Problem(path=f"pools.{name}", pool=name, line=None,
+                                        column=None, value=None, message=str(exc)))
+        if problems:
+            for pool in built.values():
+                pool.close()
+            raise ConfigError(str(self._path) if self._path else None, problems)
+        return built
+
+    @staticmethod
+    def _describe(config: RegistryConfig) -> str:
+        return "; ".join(f"{name} ({pc!r})" for name, pc in config.pools.items())
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolError("the registry is closed")
+
+    def close(self) -> None:
+        """Close every pool (checked-out connections close when they come back) and put the
+        SIGHUP handler back. Idempotent."""
+        with self._reload_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+            self._restore_sighup = None
+        self._supervisor.unregister(self._reload_task)
+        for pool in list(self._gen.pools.values()) + self._draining:
+            pool.close()
+        self._draining = []
+        logger.info("registry %s: closed", self._path)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._gen.pools)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"generation {self._gen.number}"
+        return f"<Registry {self._path or ''} pools={list(self._gen.pools)} {state}>"
+
+    def _after_fork_in_child(self) -> None:
+        self._reload_lock = threading.Lock()
+
+
+_live_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for reg in list(_live_registries):
+        reg._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
