@@ -192,6 +192,29 @@ class AddressBook:
             self._forget_if_unused(a)
             return ban_s
 
+    def mark(self, label: str, now: float, reason: str) -> bool:
+        """Ban an address for something learned outside a connect (a demoted writer). Returns
+        whether it was not already banned for that reason."""
+        with self._lock:
+            a = self._by_label.get(label)
+            if a is None:
+                return False
+            first = not (a.banned_until > now and a.ban_reason == reason)
+            if first:
+                a.failures += 1
+                ban_s = min(self.ban_max, self.ban_initial * 2.0 ** (a.failures - 1))
+                a.banned_until = now + ban_s * self._rng.uniform(0.9, 1.1)
+                a.ban_reason = reason
+                a.last_failure_at = now
+                a.last_error = reason
+            return first
+
+    def all_banned(self, now: float) -> bool:
+        """True when no active address can be tried right now (or none is known)."""
+        with self._lock:
+            active = [a for a in self._by_label.values() if a.active]
+            return all(a.banned_until > now for a in active)
+
     def unreserve(self, a: Address) -> None:
         """A connect given up before it was attempted."""
         with self._lock:

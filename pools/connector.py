@@ -220,6 +220,7 @@ class Connector:
         self.book = AddressBook(placement=placement, ban_initial=ban_initial, ban_max=ban_max,
                                 rng=rng)
         self._removed: list[str] = []
+        self._last_forced = -1e9
         for t in self.targets:  # addresses that need no lookup are known from the start
             if not t.needs_dns:
                 self.book.sync(t.host, t.port, [t.hostaddr or (t.host if is_ip_literal(t.host)
@@ -278,6 +279,23 @@ class Connector:
                 except ResolutionError as exc:
                     logger.warning("pool %s: %s", self.name, exc)
         self.sync()
+
+    def refresh_soon(self, force: bool = False) -> bool:
+        """Make this connector's names due for a refresh now (at most once a second unless
+        ``force``). Returns whether anything was marked."""
+        now = self.clock.monotonic()
+        if not force and now - self._last_forced < 1.0:
+            return False
+        self._last_forced = now
+        names = {t.host for t in self.targets if t.needs_dns}
+        for name in names:
+            self.resolver.expedite(name, now)
+        return bool(names)
+
+    def all_banned(self, now: float) -> bool:
+        if any(t.needs_dns for t in self.targets):
+            self.sync()  # learn the addresses if nothing connected yet
+        return self.book.all_banned(now)
 
     def after_fork(self) -> None:
         self.book.after_fork()

@@ -33,6 +33,7 @@ class Entry:
         "state",
         "doom_reason",
         "backend_pid",
+        "server_role",
     )
 
     def __init__(
@@ -58,6 +59,7 @@ class Entry:
         # A reason to close the connection when it comes back (soft expiry, drain, DNS change).
         self.doom_reason: str | None = None
         self.backend_pid = conn.info.backend_pid
+        self.server_role: str | None = None  # as reported when it opened (pools.pool.server_role)
 
     def __repr__(self) -> str:
         state = ("idle", "in use", "returning", "closed")[self.state]

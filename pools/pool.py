@@ -54,6 +54,8 @@ _TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _TX_INERROR = ext.TRANSACTION_STATUS_INERROR
 
 RECHECK_INTERVAL_S = 60.0  # maintenance looks at every pool at least this often
+READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: a write reached a read-only server
+ROLES = ("any", "writer", "reader")
 _pool_counter = iter(range(1, 1 << 62))
 
 # Close reasons that mean something went wrong (logged as warnings); the others are routine.
@@ -96,6 +98,8 @@ class _Checkout:
     ) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            if exc is not None and getattr(exc, "pgcode", None) == READ_ONLY_SQLSTATE:
+                self._pool.report_read_only(conn)
             self._pool.putconn(conn)
 
 
@@ -162,6 +166,8 @@ class ConnectionPool:
         address_ban_max: float = 60.0,
         rebalance_fraction: float = 0.25,
         rebalance_interval: float = 1.0,
+        role: str = "any",
+        role_check_interval: float = 5.0,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(minconn, maxconn)
@@ -179,6 +185,11 @@ class ConnectionPool:
             raise ValueError(f"reuse must be 'fifo' or 'lifo', got {reuse!r}")
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting!r}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if role == "writer" and connect_kwargs.get("target_session_attrs") in (None, "any"):
+            # a writer pool connects only where writes are accepted
+            connect_kwargs["target_session_attrs"] = "read-write"
         if not 0 < rebalance_fraction <= 1:
             raise ValueError(f"rebalance_fraction must be in (0, 1], got {rebalance_fraction!r}")
 
@@ -193,6 +204,10 @@ class ConnectionPool:
         )
         self.rebalance_fraction = rebalance_fraction
         self.rebalance_interval = rebalance_interval
+        self.role = role
+        self.role_check_interval = role_check_interval
+        self._next_role_check_at = 0.0
+        self._n_role_changes = 0
         self._lock = threading.Lock()
 
         # settings (changed only through resize()/retune(), under the lock)
@@ -328,6 +343,9 @@ class ConnectionPool:
             if ping and not self._ping(conn):
                 self._discard(e, conn, "validation")
                 continue
+            if self.role != "any" and self._role_changed(e, conn):
+                self._discard(e, conn, e.doom_reason or "role_change")
+                continue
             return conn
 
     def putconn(self, conn: Connection, close: bool = False) -> None:
@@ -348,6 +366,8 @@ class ConnectionPool:
                     reason = self._rollback(conn, status)
                 if reason is None and self._reset is not None:
                     reason = self._run_reset(conn)
+        if reason is None and self.role != "any" and self._role_changed(e, conn):
+            reason = e.doom_reason or "role_change"
         now = self._clock.monotonic()
         if reason is None and now >= e.expires_at:
             reason = e.doom_reason or "lifetime"
@@ -393,6 +413,7 @@ class ConnectionPool:
         "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting",
         "reuse", "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement",
         "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval",
+        "role_check_interval",
     })
 
     def retune(self, **settings: Any) -> None:
@@ -516,6 +537,8 @@ class ConnectionPool:
                 "wait_max_s": self._wait_max_s,
                 "rollbacks": self._n_rollbacks,
                 "placement": self._connector.placement,
+                "role": self.role,
+                "role_changes": self._n_role_changes,
                 "addresses": self._address_stats_locked(),
                 "dns": self._dns_stats(),
             }
@@ -675,6 +698,8 @@ class ConnectionPool:
         except ConnectFailed as exc:
             cause = exc.__cause__ or exc
             self._open_failed(cause)
+            if self._connector.refresh_soon():  # the answer may be out of date: ask again now
+                self._supervisor.request(self._task)
             raise ConnectError(f"pool {self.name!r}: {exc}", pool=self.name) from cause
         except Exception as exc:
             self._open_failed(exc)
@@ -704,6 +729,7 @@ class ConnectionPool:
             expires_at=self._expiry(now),
             on_lost=self._on_lost,
         )
+        e.server_role = server_role(conn)
         e.state = RETURNING  # owned by the opener until it hands it over
         with self._lock:
             if self._orphans:  # before reusing an id(conn) key an orphan may still hold
@@ -933,6 +959,9 @@ class ConnectionPool:
             self._next_reap_at = now + self.reap_idle_interval
         self._reap(now, reap_idle=reap_idle)
 
+        if self.role != "any" and now >= self._next_role_check_at:
+            self._next_role_check_at = now + self.role_check_interval
+            self._check_roles()
         opened = self._maybe_prewarm(now)
         busy = opened or self._maybe_rebalance(now)
 
@@ -949,6 +978,8 @@ class ConnectionPool:
                     nxt = e.expires_at
             if self.reap_idle_interval and self._size > self._minconn:
                 nxt = min(nxt, self._next_reap_at)
+            if self.role != "any" and self._idle:
+                nxt = min(nxt, self._next_role_check_at)
         due = self._connector.refresh_due()
         if due is not None:
             nxt = min(nxt, max(now, due))
@@ -989,6 +1020,87 @@ class ConnectionPool:
                 self._release_new_locked(e, conn)
         if late:
             self._close_conn(e, conn, "pool_closed")
+
+    # -- roles (writer guard, promoted replicas) -----------------------------------------------
+
+    def _role_changed(self, e: Entry, conn: Connection) -> bool:
+        """Whether the server behind ``conn`` no longer has the role this pool needs (or had
+        when the connection opened). Free: libpq keeps the server's reported settings
+        (``in_hot_standby``, ``default_transaction_read_only``) current with every response.
+        A change retires every connection to that address; returns True for this one."""
+        now_role = server_role(conn)
+        if now_role is None or now_role == e.server_role:
+            return False
+        if self.role == "writer" and now_role != "primary":
+            self._writer_demoted(e.address, f"the server reports {now_role}")
+        else:
+            self._role_change(e.address, e.server_role, now_role)
+        return True
+
+    def report_read_only(self, conn: Connection) -> None:
+        """A write failed with SQLSTATE 25006 on ``conn``: on a writer pool, its server is a
+        demoted writer. (``pool.conn()`` and registry handles call this for you.)"""
+        if self.role != "writer":
+            return
+        e = self._entries.get(id(conn))
+        if e is not None and e.wref is not None and e.wref() is conn:
+            self._writer_demoted(e.address, "a write failed: read-only transaction (25006)")
+
+    def _writer_demoted(self, label: str, how: str) -> None:
+        """The writer at ``label`` is no more: ban it, close its idle connections now and its
+        checked-out ones on return, and re-resolve at once to find the new writer."""
+        first = self._connector.book.mark(label, self._clock.monotonic(), "demoted_writer")
+        if first:
+            self._n_role_changes += 1
+            logger.warning(
+                "pool %s: %s is no longer the writer (%s): closing its connections, "
+                "re-resolving", self.name, label, how,
+            )
+        self._retire_addresses([label], "demoted_writer")
+        self._connector.refresh_soon(force=True)
+        self._supervisor.request(self._task)
+
+    def _role_change(self, label: str, before: str | None, after: str) -> None:
+        """A server changed role (a replica promoted, a server rebuilt): like a DNS change, its
+        connections are retired and opened afresh where placement says."""
+        self._n_role_changes += 1
+        logger.warning("pool %s: %s changed role (%s -> %s): retiring its connections",
+                       self.name, label, before, after)
+        self._retire_addresses([label], "role_change")
+        self._supervisor.request(self._task)
+
+    def _check_roles(self) -> None:
+        """The supervisor's role check: one idle connection per address runs a trivial query
+        (which brings the server's current role) and is compared."""
+        with self._lock:
+            seen: set[str] = set()
+            picked: list[Entry] = []
+            for e in self._idle:
+                if e.address not in seen:
+                    seen.add(e.address)
+                    picked.append(e)
+            for e in picked:
+                self._idle.remove(e)
+                e.state = RETURNING
+        for e in picked:
+            conn = e.conn
+            assert conn is not None
+            ok = self._ping(conn) and not self._role_changed(e, conn)
+            with self._lock:
+                if ok and not self._closed and e.doom_reason is None:
+                    self._release_new_locked(e, conn)
+                    continue
+                reason = e.doom_reason or ("validation" if not ok else "role_change")
+                conn = self._forget_locked(e)
+            self._close_conn(e, conn, reason)
+
+    def unreachable(self) -> bool:
+        """Nothing to serve with and nowhere to try: no open connection, and every address
+        banned (or none known). A registry falls back to another pool then."""
+        with self._lock:
+            if self._size > 0:
+                return False
+        return self._connector.all_banned(self._clock.monotonic())
 
     # -- addresses ----------------------------------------------------------------------------
 
@@ -1181,6 +1293,21 @@ class ConnectionPool:
         raise BadConnectionError(
             f"pool {self.name!r}: this connection was not given out by this pool", pool=self.name
         )
+
+
+def server_role(conn: Connection) -> str | None:
+    """'primary', 'standby' or 'read-only' (a primary refusing writes), from what the server
+    reports with every response (PostgreSQL 14+); None when it does not say."""
+    try:
+        status = conn.info.parameter_status
+        hot = status("in_hot_standby")
+        if hot is None:
+            return None
+        if hot == "on":
+            return "standby"
+        return "read-only" if status("default_transaction_read_only") == "on" else "primary"
+    except Exception:
+        return None
 
 
 _live_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()

@@ -189,6 +189,13 @@ class HostResolver:
                 return ans.addresses  # refreshing fails; the supervisor keeps trying
         return self.refresh(name).addresses
 
+    def expedite(self, name: str, now: float) -> None:
+        """Have the supervisor refresh ``name`` at its next step instead of at its TTL."""
+        with self._lock:
+            ans = self._cache.get(name.lower())
+            if ans is not None and ans.refresh_at > now:
+                ans.refresh_at = now
+
     def refresh_due(self, now: float) -> float | None:
         """The earliest time a cached answer wants refreshing (None: nothing cached)."""
         with self._lock:

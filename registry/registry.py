@@ -23,8 +23,16 @@ from typing import Any
 
 import psycopg2.extensions
 
-from pools import ConnectionPool, PoolClosed, PoolError, Supervisor, get_supervisor
+from pools import (
+    ConnectError,
+    ConnectionPool,
+    PoolClosed,
+    PoolError,
+    Supervisor,
+    get_supervisor,
+)
 from pools.clock import Clock
+from pools.pool import READ_ONLY_SQLSTATE
 from schemas import ConfigError, PoolConfig, RegistryConfig, load_config
 from schemas.errors import Problem
 
@@ -85,6 +93,8 @@ class _HandleCheckout:
         pool, conn = self._pool, self._conn
         self._pool = self._conn = None
         if pool is not None and conn is not None:
+            if exc is not None and getattr(exc, "pgcode", None) == READ_ONLY_SQLSTATE:
+                pool.report_read_only(conn)
             pool.putconn(conn)
 
 
@@ -108,17 +118,29 @@ class PoolHandle:
     def _checkout(self, timeout: float | None) -> tuple[ConnectionPool, Connection]:
         reg = self._registry
         while True:
+            gen = reg._gen
             try:
-                pool = reg._gen.pools[self.name]
+                pool = gen.pools[self.name]
             except KeyError:
                 raise reg._unknown(self.name) from None
+            fallback = reg._fallbacks.get(self.name)
+            if fallback is not None and pool.unreachable():
+                return reg._fall_back(self.name, fallback, timeout, "every address is down")
             try:
-                return pool, pool.getconn(timeout)
+                conn = pool.getconn(timeout)
+            except ConnectError as exc:
+                if fallback is None:
+                    raise
+                return reg._fall_back(self.name, fallback, timeout, str(exc))
             except PoolClosed:
                 # a reload retired this pool between the lookup and the checkout: use its
                 # successor (unless the registry itself is closed, or nothing replaced it)
                 if reg._closed or reg._gen.pools.get(self.name) is pool:
                     raise
+                continue
+            if fallback is not None and self.name in reg._falling_back:
+                reg._fell_forward(self.name)
+            return pool, conn
 
     def conn(self, timeout: float | None = None) -> _HandleCheckout:
         return _HandleCheckout(self, timeout)
@@ -130,7 +152,11 @@ class PoolHandle:
         self._registry._putconn(self.name, conn, close)
 
     def stats(self) -> dict[str, Any]:
-        return self.pool.stats()
+        s = self.pool.stats()
+        fb = self._registry._fallback_stats(self.name)
+        if fb is not None:
+            s["fallback"] = fb
+        return s
 
     def status(self) -> dict[str, int | float]:
         return self.pool.status()
@@ -166,8 +192,14 @@ class Registry:
         self._last_reload_at: float | None = None
         self._last_reload_error: str | None = None
         self._last_result: ReloadResult | None = None
+        # fallbacks: name -> the pool to serve from while it cannot connect anywhere
+        self._fallbacks: dict[str, str] = {}
+        self._falling_back: dict[str, dict[str, Any]] = {}
+        self._fallback_checkouts: dict[str, int] = {}
+        self._fallback_lock = threading.Lock()
         pools = self._build_all(config, config.pools)
         self._gen = Generation(1, config, MappingProxyType(pools))
+        self._fallbacks = self._fallbacks_of(config)
         self._reload_task = self._supervisor.add_task(
             f"registry {self._path or id(self)}", self._maintain, due=float("inf")
         )
@@ -252,11 +284,60 @@ class Registry:
             raise self._unknown(name)
         current.putconn(conn, close)  # raises the pool's own precise error
 
+    # -- fallback ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _fallbacks_of(config: RegistryConfig) -> dict[str, str]:
+        return {name: pc.fallback for name, pc in config.pools.items()
+                if pc.fallback is not None and pc.fallback in config.pools}
+
+    def _fall_back(
+        self, name: str, to: str, timeout: float | None, why: str
+    ) -> tuple[ConnectionPool, Connection]:
+        """Serve ``name`` from ``to`` (one level: a fallback's own fallback is not followed)."""
+        pool = self._gen.pools[to]
+        conn = pool.getconn(timeout)
+        with self._fallback_lock:
+            state = self._falling_back.get(name)
+            if state is None:
+                state = self._falling_back[name] = {"to": to, "since": time.time(),
+                                                    "checkouts": 0, "why": why}
+                logger.warning("registry: pool %s cannot connect (%s): serving it from %s",
+                               name, why, to)
+            state["checkouts"] += 1
+            self._fallback_checkouts[name] = self._fallback_checkouts.get(name, 0) + 1
+        return pool, conn
+
+    def _fell_forward(self, name: str) -> None:
+        with self._fallback_lock:
+            state = self._falling_back.pop(name, None)
+        if state is not None:
+            logger.warning("registry: pool %s serves again (after %.1f s and %d checkouts from %s)",
+                           name, time.time() - state["since"], state["checkouts"], state["to"])
+
+    def _fallback_stats(self, name: str) -> dict[str, Any] | None:
+        to = self._fallbacks.get(name)
+        if to is None:
+            return None
+        state = self._falling_back.get(name)
+        return {
+            "to": to,
+            "active": state is not None,
+            "since": (_dt.datetime.fromtimestamp(state["since"], _dt.timezone.utc).isoformat()
+                      if state else None),
+            "reason": state["why"] if state else None,
+            "checkouts": self._fallback_checkouts.get(name, 0),
+        }
+
     def stats(self) -> dict[str, Any]:
         """``{pool name: pool.stats()}``, plus ``"_registry"``: generation, reloads, the last
         reload's time, result and error, and pools still draining."""
         gen = self._gen
         out: dict[str, Any] = {name: pool.stats() for name, pool in gen.pools.items()}
+        for name, s in out.items():
+            fb = self._fallback_stats(name)
+            if fb is not None:
+                s["fallback"] = fb
         result = self._last_result
         if self._draining:
             self._prune_draining()
@@ -342,6 +423,7 @@ class Registry:
             if plan.dns_changed:
                 pool.set_dns(dns)
         pools = {name: built.get(name) or old.pools[name] for name in config.pools}
+        self._fallbacks = self._fallbacks_of(config)
         self._gen = Generation(old.number + 1, config, MappingProxyType(pools))
         for name in plan.replaced + plan.removed:
             self._drain(old.pools[name])

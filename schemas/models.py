@@ -73,7 +73,7 @@ POOL_KEYWORDS = frozenset({
     "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting", "reuse",
     "validation_bypass", "autocommit", "reconnect_backoff", "reconnect_backoff_max", "placement",
     "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval", "role",
-    "fallback",
+    "role_check_interval", "fallback",
 })
 
 #: The pool keywords a running pool takes in place; changing anything else (the DSN, a libpq
@@ -82,7 +82,8 @@ LIVE_KEYWORDS = frozenset({
     "minconn", "maxconn", "idle_timeout", "reap_idle_interval", "lifetime_timeout",
     "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting", "reuse",
     "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement", "address_ban",
-    "address_ban_max", "rebalance_fraction", "rebalance_interval", "fallback",
+    "address_ban_max", "rebalance_fraction", "rebalance_interval", "role_check_interval",
+    "fallback",
 })
 
 #: libpq connection parameters a pool may set (``password`` is a secret, see below).
@@ -388,7 +389,14 @@ class _PoolFields(ConfigModel):
     rebalance_interval: Float = Field(
         default=1.0, gt=0, description="Seconds between rebalancing steps.")
     role: Literal["writer", "reader", "any"] = Field(
-        default="any", description="What the pool is for (writer, reader or any).")
+        default="any",
+        description="What the pool is for. A writer connects only where writes are accepted "
+                    "(target_session_attrs read-write unless set) and follows a failover when "
+                    "its server is demoted; a reader retires connections to a promoted replica.")
+    role_check_interval: Float = Field(
+        default=5.0, gt=0,
+        description="Seconds between the supervisor's checks of each address's role "
+                    "(writer/reader pools).")
     fallback: PoolName | None = Field(
         default=None, description="Another pool of this file to use when this one cannot serve.")
 
@@ -523,14 +531,14 @@ class PoolConfig(_PoolFields):
         return self
 
     def pool_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``ConnectionPool``: every pool keyword (but ``role`` and
-        ``fallback``, which are the registry's), ``dsn``, every libpq parameter that is set, and
-        ``password`` in clear. Never ``password_env``/``password_file``."""
+        """Keyword arguments for ``ConnectionPool``: every pool keyword (but ``fallback``, which
+        is the registry's), ``dsn``, every libpq parameter that is set, and ``password`` in
+        clear. Never ``password_env``/``password_file``."""
         kwargs: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
             if name in POOL_KEYWORDS:
-                if name not in ("role", "fallback"):
+                if name != "fallback":
                     kwargs[name] = value
             elif name == "dsn":
                 kwargs[name] = value

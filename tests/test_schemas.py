@@ -754,13 +754,14 @@ def test_pool_kwargs() -> None:
     kwargs = pool.pool_kwargs()
     assert kwargs["password"] == "pw-from-env" and isinstance(kwargs["password"], str)
     assert kwargs["sslpassword"] == "key-pw"
-    for absent in ("password_env", "password_file", "role", "fallback", "name", "dns",
+    for absent in ("password_env", "password_file", "fallback", "name", "dns",
                    "sslmode", "dbname"):
         assert absent not in kwargs
+    assert kwargs["role"] == "writer"  # the pool guards its writer
     assert kwargs["host"] == "db" and kwargs["port"] == 5433 and kwargs["connect_timeout"] == 3
     assert kwargs["maxconn"] == 4 and kwargs["idle_timeout"] is None and kwargs["minconn"] == 1
     assert kwargs["dsn"] is None
-    assert set(kwargs) == (POOL_KEYWORDS - {"role", "fallback"}) | {
+    assert set(kwargs) == (POOL_KEYWORDS - {"fallback"}) | {
         "dsn", "password", "host", "port", "sslpassword", "connect_timeout"}
     assert "password" not in _pool().pool_kwargs()
 
