@@ -10,10 +10,10 @@ import logging
 import random
 import socket
 import threading
-import time
 from collections import Counter
 
 import pytest
+from helpers import wait_until
 
 from pools import ConnectError, ConnectionPool, PoolError
 from pools.resolver import HostResolver, ResolutionError
@@ -21,13 +21,6 @@ from pools.resolver import HostResolver, ResolutionError
 READERS = "readers.db.test"
 
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 def server_addr(conn) -> str:

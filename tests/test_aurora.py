@@ -13,6 +13,7 @@ import time
 import psycopg2
 import pytest
 import yaml
+from helpers import wait_until
 
 from pools import ConnectError
 from registry import Registry
@@ -20,13 +21,6 @@ from registry import Registry
 TTL = 1
 
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def write_yaml(path, cluster, dns, readers_extra=None, writer_extra=None):

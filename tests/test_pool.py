@@ -14,6 +14,7 @@ import time
 import psycopg2
 import psycopg2.extensions as ext
 import pytest
+from helpers import wait_until
 
 from pools import (
     BadConnectionError,
@@ -28,13 +29,6 @@ from pools import (
 SECRET = "Sentinel-Pa55word-do-not-leak"
 
 
-def wait_until(predicate, timeout=10.0, interval=0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def pid(conn) -> int:

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from pools import PoolError
 from registry import Registry, UnknownPoolError
@@ -22,13 +22,6 @@ from schemas import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 class Topology:
