@@ -3,6 +3,7 @@
 ``registry.testing.cluster``  LocalCluster, PgServer, find_pg_bindir, free_port
 ``registry.testing.dns``      DnsServer (needs dnslib, a test extra)
 ``registry.testing.docker``   docker_available, ContainerServer (needs testcontainers)
+``registry.testing.pgbouncer`` PgBouncer, find_pgbouncer (needs the pgbouncer binary)
 ``registry.testing.plugin``   pytest fixtures: ``pytest_plugins = ["registry.testing.plugin"]``
 
 Names are imported lazily, so ``import registry.testing`` pulls in neither dnslib nor docker.
@@ -18,10 +19,12 @@ __all__ = [
     "DnsServer",
     "HarnessError",
     "LocalCluster",
+    "PgBouncer",
     "PgServer",
     "ServerStartError",
     "docker_available",
     "find_pg_bindir",
+    "find_pgbouncer",
     "free_port",
 ]
 
@@ -30,10 +33,12 @@ _WHERE = {
     "DnsServer": "dns",
     "HarnessError": "cluster",
     "LocalCluster": "cluster",
+    "PgBouncer": "pgbouncer",
     "PgServer": "cluster",
     "ServerStartError": "cluster",
     "docker_available": "docker",
     "find_pg_bindir": "cluster",
+    "find_pgbouncer": "pgbouncer",
     "free_port": "cluster",
 }
 

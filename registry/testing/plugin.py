@@ -1,7 +1,8 @@
 """pytest fixtures for real-server tests: ``pytest_plugins = ["registry.testing.plugin"]``.
 
-Session fixtures share one cluster (``pg_cluster``, ``pg_primary``, ``pg_server``); tests that
-break servers (failover, kill, freeze) take ``fresh_cluster`` instead.
+Session fixtures share one cluster (``pg_cluster``, ``pg_primary``, ``pg_server``) and one
+PgBouncer in front of its primary (``pgbouncer``); tests that break servers (failover, kill,
+freeze) take ``fresh_cluster`` instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 from .cluster import LocalCluster, PgServer, SqlServer
 from .dns import DnsServer
 from .docker import ContainerServer, docker_available
+from .pgbouncer import PgBouncer
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ __all__ = [
     "pg_cluster",
     "pg_primary",
     "pg_server",
+    "pgbouncer",
 ]
 
 
@@ -44,6 +47,16 @@ def pg_cluster() -> Iterator[LocalCluster]:
 @pytest.fixture(scope="session")
 def pg_primary(pg_cluster: LocalCluster) -> PgServer:
     return pg_cluster.primary
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_cluster: LocalCluster) -> Iterator[PgBouncer]:
+    """PgBouncer (transaction mode, pool size 20) in front of the session cluster's primary."""
+    bouncer = PgBouncer([pg_cluster.primary]).start()
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
 
 
 @pytest.fixture(scope="session")
