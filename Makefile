@@ -20,6 +20,9 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+demo: $(STAMP)
+	$(PY) -m registry demo $(DEMO_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pools registry schemas tests examples
 	$(VENV)/bin/mypy

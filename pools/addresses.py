@@ -184,6 +184,11 @@ class AddressBook:
             a.last_error = error
             if not ban:
                 return 0.0
+            if a.banned_until > now:
+                # tried while banned (every address was): the ban stands, it does not grow;
+                # a ban grows once per period, however many callers failed at once
+                self._forget_if_unused(a)
+                return 0.0
             a.failures += 1
             ban_s = min(self.ban_max, self.ban_initial * 2.0 ** (a.failures - 1))
             ban_s *= self._rng.uniform(0.9, 1.1)

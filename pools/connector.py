@@ -356,7 +356,9 @@ class Connector:
                     )
                     attempts.append((a.label, kind, first_line(exc)))
                     if not first_pass_role:
-                        logger.warning(
+                        # one warning per ban; failures while already banned are DEBUG
+                        log = logger.warning if ban_s or kind == "rejected" else logger.debug
+                        log(
                             "pool %s: connect to %s (%s) failed: %s: %s%s",
                             self.name, a.label, a.host or "default",
                             kind, first_line(exc),

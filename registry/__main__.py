@@ -3,6 +3,7 @@
     python -m registry check pools.yaml     # exactly the loader reload uses; exit 0 or 1
     python -m registry schema               # the file format as JSON Schema
     python -m registry stats pools.yaml     # open the pools, print pools and addresses
+    python -m registry demo                 # the live demo (local cluster); demo --help
 """
 
 from __future__ import annotations
@@ -91,7 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=5.0, help="seconds to let pools prewarm")
     p.add_argument("--json", action="store_true", help="print stats as JSON")
     p.set_defaults(func=_stats)
-    args = parser.parse_args(argv)
+    # the demo parses its own options (python -m registry demo --help)
+    sub.add_parser("demo", add_help=False, help="run the live demo (see: demo --help)")
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main([*(["--verbose"] if args.verbose else []), *extra])
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args))

@@ -495,3 +495,21 @@ def test_no_password_in_connect_errors(pg_cluster, dns_server, dns_pool, caplog)
         pool.getconn()
     for text in (str(info.value), repr(info.value), str(pool.stats()), repr(pool), caplog.text):
         assert secret not in text
+
+
+def test_a_ban_grows_once_per_period_however_many_fail_at_once(pg_cluster, dns_server, dns_pool,
+                                                               stepped):
+    dns_server.set_a("dead.db.test", ["127.0.0.29"], ttl=300)
+    pool = dns_pool("dead.db.test", pg_cluster.port, minconn=0, maxconn=8, address_ban=1,
+                    address_ban_max=60)
+    for _ in range(10):  # the only address, banned: tried anyway, ten times in one period
+        with pytest.raises(ConnectError):
+            pool.getconn()
+    a = pool.stats()["addresses"][f"127.0.0.29:{pg_cluster.port}"]
+    assert a["connect_failures"] == 10
+    assert 0.8 <= a["banned_for_s"] <= 1.2  # still the first ban, not 2**9 s
+    stepped.clock.advance(1.5)
+    with pytest.raises(ConnectError):
+        pool.getconn()
+    a = pool.stats()["addresses"][f"127.0.0.29:{pg_cluster.port}"]
+    assert 1.7 <= a["banned_for_s"] <= 2.3  # the next period: doubled once

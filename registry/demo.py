@@ -1,0 +1,910 @@
+"""``python -m registry demo``: pgregistry live, against a local Aurora-like cluster.
+
+With no arguments (``make demo``) it starts a writer and two streaming replicas on
+127.0.0.11-13 (one port) with the project's test harness, a loopback DNS server with a 1 s TTL
+(``writer.demo.test``, ``readers.demo.test``), writes a YAML file for them and builds the
+registry from it. Writer and reader threads run a mixed workload while a plain-text table shows,
+every ``--interval`` seconds, each pool's connections per address, checkouts per second and
+errors. A scripted timeline (scaled to ``--duration``) then:
+
+- rewrites the YAML (readers grow) and sends SIGHUP to the demo itself: the registry reloads;
+- adds a replica and publishes it in ``readers.demo.test``: connections spread onto it;
+- fails the writer over (stop it, promote a replica, flip DNS): writes pause, then resume on
+  the new writer; the write outage is measured.
+
+A summary follows and everything is stopped (also on Ctrl-C, exit 130).
+
+With ``--config FILE`` it runs the workload and the table against your own pools instead
+(``--writer`` / ``--reader`` name them; writes there are ``SELECT txid_current()``, which needs
+a read-write server and changes no data). ``kill -HUP`` the demo to watch a reload of your file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TextIO
+
+from schemas import ConfigError
+
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .testing.cluster import LocalCluster
+    from .testing.dns import DnsServer
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+WRITER_HOST = "writer.demo.test"
+READERS_HOST = "readers.demo.test"
+DNS_TTL = 1
+MIN_TIMELINE_DURATION = 10.0
+
+WRITER_THREADS = 4
+READER_THREADS = 8
+WRITE_PACE = 0.02  # seconds a writer thread rests between two writes
+READ_PACE = 0.01
+ERROR_PAUSE = 0.1  # ... and after an error, so a dead server is not hammered
+LOOP_TICK = 0.05
+
+DEMO_TABLE = "pgregistry_demo_events"
+DEMO_WRITE = f"INSERT INTO {DEMO_TABLE} (worker) VALUES (%s) RETURNING host(inet_server_addr())"
+DEMO_READ = f"SELECT max(id) FROM {DEMO_TABLE}"
+# --config: nothing is created on the user's database; txid_current() needs a read-write server
+CONFIG_WRITE = "SELECT txid_current(), host(inet_server_addr())"
+CONFIG_READ = "SELECT 1"
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: stop the workload, show what happened so far, clean up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------------------------
+# Output: every line the demo shows goes through here
+# --------------------------------------------------------------------------------------------
+
+
+class Output:
+    """Plain lines on stdout, flushed at once (readable live and in a captured log)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._closed = False
+        self.t0: float | None = None  # the workload's start: event lines show time since then
+
+    def line(self, text: str = "") -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                print(text, file=self._stream or sys.stdout, flush=True)
+            except BrokenPipeError:  # `... | head`: keep running (and cleaning up) silently
+                self._closed = True
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    def event(self, text: str) -> None:
+        """A timeline line: elapsed time, then ``>>`` and the text."""
+        elapsed = time.monotonic() - self.t0 if self.t0 is not None else 0.0
+        self.line(f"{elapsed:6.1f}s  >> {text}")
+
+    def error(self, text: str) -> None:
+        with self._lock:
+            print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The workload
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SideCounts:
+    """Operations and errors of one side (writes or reads) of the workload."""
+
+    pool: str
+    ops: int = 0
+    errors: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)
+    error_samples: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FailoverWatch:
+    """When writes stopped on the old writer and resumed elsewhere."""
+
+    started: float
+    old_host: str
+    new_host: str | None = None
+    promoted_in: float | None = None
+    last_before: float | None = None
+    first_after: float | None = None
+    first_after_host: str | None = None
+    announced: bool = False
+
+    @property
+    def outage(self) -> float | None:
+        if self.first_after is None:
+            return None
+        return self.first_after - (self.last_before if self.last_before is not None
+                                   else self.started)
+
+    @property
+    def recovery(self) -> float | None:
+        return None if self.first_after is None else self.first_after - self.started
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 110 else line[:107] + "..."
+
+
+class Workload:
+    """Writer threads (a write then COMMIT) and reader threads (a SELECT) on two pools."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        writer: str | None,
+        reader: str | None,
+        write_sql: str,
+        read_sql: str,
+        writers: int = WRITER_THREADS,
+        readers: int = READER_THREADS,
+    ) -> None:
+        self.registry = registry
+        self.write_sql = write_sql
+        self.read_sql = read_sql
+        self.writes = SideCounts(writer) if writer else None
+        self.reads = SideCounts(reader) if reader else None
+        self._n_writers = writers if writer else 0
+        self._n_readers = readers if reader else 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.last_write_by_host: dict[str, float] = {}
+        self.failover: FailoverWatch | None = None
+
+    def start(self) -> None:
+        for i in range(self._n_writers):
+            self._spawn(f"demo-writer-{i + 1}", self._write_loop, i + 1)
+        for i in range(self._n_readers):
+            self._spawn(f"demo-reader-{i + 1}", self._read_loop, i + 1)
+
+    def _spawn(self, name: str, target: Callable[[int], None], worker: int) -> None:
+        thread = threading.Thread(target=target, args=(worker,), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every thread (each finishes its operation; a checkout waits at most the pool's
+        timeout)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            logger.warning("workload threads still running after %.0f s: %s", timeout, alive)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # -- the threads ------------------------------------------------------------------------
+
+    def _write_loop(self, worker: int) -> None:
+        assert self.writes is not None
+        handle = self.registry.get(self.writes.pool)
+        while not self._stop.is_set():
+            try:
+                with handle.conn() as conn:
+                    with conn.cursor() as cur:
+                        cur.execute(self.write_sql, (worker,) if "%s" in self.write_sql else None)
+                        row = cur.fetchone()
+                    conn.commit()
+            except Exception as exc:  # a demo thread never dies: every error is counted
+                self._failed(self.writes, exc)
+                self._stop.wait(ERROR_PAUSE)
+                continue
+            host = str(row[-1]) if row and row[-1] is not None else "local"
+            self._wrote(host, time.monotonic())
+            self._stop.wait(WRITE_PACE)
+
+    def _read_loop(self, worker: int) -> None:
+        assert self.reads is not None
+        handle = self.registry.get(self.reads.pool)
+        while not self._stop.is_set():
+            try:
+                with handle.conn() as conn, conn.cursor() as cur:
+                    cur.execute(self.read_sql)
+                    cur.fetchall()
+            except Exception as exc:  # a demo thread never dies: every error is counted
+                self._failed(self.reads, exc)
+                self._stop.wait(ERROR_PAUSE)
+                continue
+            with self._lock:
+                self.reads.ops += 1
+            self._stop.wait(READ_PACE)
+
+    def _wrote(self, host: str, at: float) -> None:
+        with self._lock:
+            assert self.writes is not None
+            self.writes.ops += 1
+            self.last_write_by_host[host] = at
+            watch = self.failover
+            if watch is None or watch.first_after is not None:
+                return
+            if host == watch.old_host:
+                watch.last_before = at
+            elif at >= watch.started:
+                watch.first_after = at
+                watch.first_after_host = host
+
+    def _failed(self, side: SideCounts, exc: BaseException) -> None:
+        kind = type(exc).__name__
+        with self._lock:
+            side.errors += 1
+            side.error_kinds[kind] += 1
+            side.error_samples.setdefault(kind, _first_line(exc))
+        logger.info("%s: %s: %s", side.pool, kind, _first_line(exc))
+
+    # -- what the main thread reads ---------------------------------------------------------
+
+    def watch_failover(self, old_host: str) -> FailoverWatch:
+        with self._lock:
+            watch = FailoverWatch(started=time.monotonic(), old_host=old_host,
+                                  last_before=self.last_write_by_host.get(old_host))
+            self.failover = watch
+            return watch
+
+    def errors(self) -> dict[str, int]:
+        with self._lock:
+            return {side.pool: side.errors for side in self.sides()}
+
+    def sides(self) -> list[SideCounts]:
+        return [side for side in (self.writes, self.reads) if side is not None]
+
+
+# --------------------------------------------------------------------------------------------
+# The live table
+# --------------------------------------------------------------------------------------------
+
+
+def _label_key(label: str) -> tuple[int, Any, str]:
+    host = label.rsplit(":", 1)[0].strip("[]")
+    try:
+        return (0, ipaddress.ip_address(host), label)
+    except ValueError:
+        return (1, 0, label)
+
+
+def format_spread(stats: dict[str, Any]) -> str:
+    """``127.0.0.12:5432=3 127.0.0.13:5432=3``: connections per address; an address that left
+    DNS or is banned is marked."""
+    parts = []
+    for label, a in sorted(stats.get("addresses", {}).items(), key=lambda kv: _label_key(kv[0])):
+        if not a["active"] and not a["connections"]:
+            continue
+        mark = ""
+        if a["banned"]:
+            mark = f"[banned:{a['ban_reason'] or '?'}]"
+        elif not a["active"]:
+            mark = "[left-dns]"
+        parts.append(f"{label}={a['connections']}{mark}")
+    return " ".join(parts) or "-"
+
+
+class Table:
+    """One block of lines per period: time, phase, then per pool its size, checkouts per
+    second, errors since the last block and the spread over addresses."""
+
+    def __init__(self, out: Output, registry: Registry, workload: Workload) -> None:
+        self.out = out
+        self.registry = registry
+        self.workload = workload
+        self.pools = [side.pool for side in workload.sides()]
+        self._width = max([len("pool"), *(len(p) for p in self.pools)])
+        self._last_at: float | None = None
+        self._last_checkouts: dict[str, int] = {}
+        self._last_errors: dict[str, int] = {}
+
+    def header(self) -> None:
+        self.out.line(f"{'time':>7}  {'phase':<11}  {'pool':<{self._width}}  {'conns':>5}  "
+                      f"{'chk/s':>6}  {'err':>4}  spread (connections per address)")
+
+    def prime(self) -> None:
+        """Start counting from now (no line)."""
+        self._last_at = time.monotonic()
+        stats = self.registry.stats()
+        self._last_checkouts = {p: stats[p]["checkouts"] for p in self.pools if p in stats}
+        self._last_errors = self.workload.errors()
+
+    def tick(self, elapsed: float, phase: str) -> None:
+        now = time.monotonic()
+        dt = max(now - (self._last_at or now), 1e-6)
+        stats = self.registry.stats()
+        errors = self.workload.errors()
+        for i, pool in enumerate(self.pools):
+            s = stats.get(pool)
+            lead = f"{elapsed:6.1f}s  {phase:<11}" if i == 0 else " " * 20
+            if s is None:
+                self.out.line(f"{lead}  {pool:<{self._width}}  (not in the registry any more)")
+                continue
+            checkouts = int(s["checkouts"])
+            before = self._last_checkouts.get(pool, 0)
+            delta = checkouts - before if checkouts >= before else checkouts  # a new pool
+            self._last_checkouts[pool] = checkouts
+            new_errors = errors.get(pool, 0) - self._last_errors.get(pool, 0)
+            size = f"{s['size']}/{s['maxconn']}"
+            self.out.line(f"{lead}  {pool:<{self._width}}  {size:>5}  {delta / dt:6.0f}  "
+                          f"{new_errors:4d}  {format_spread(s)}")
+        self._last_errors = errors
+        self._last_at = now
+
+
+# --------------------------------------------------------------------------------------------
+# The demo
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    at: float  # seconds after the workload started
+    phase: str
+    action: Callable[[], None]
+
+
+def demo_yaml(dns_port: int, pg_port: int, readers_min: int = 2, readers_max: int = 6) -> str:
+    return textwrap.dedent(f"""\
+        # Written by `python -m registry demo` for its local cluster.
+        version: 1
+        dns:                          # the demo's loopback DNS server (A records, TTL {DNS_TTL} s)
+          nameservers: [127.0.0.1]
+          port: {dns_port}
+          timeout: 0.5
+          lifetime: 1.0
+          families: [ipv4]
+        defaults:
+          user: postgres
+          dbname: postgres
+          port: {pg_port}
+          connect_timeout: 1          # per address tried
+          timeout: 5                  # a checkout waits at most this long
+          application_name: pgregistry-demo
+        pools:
+          writer:
+            host: {WRITER_HOST}       # the "cluster endpoint": always the writer
+            role: writer
+            target_session_attrs: read-write
+            minconn: 2
+            maxconn: 8
+          readers:
+            host: {READERS_HOST}      # the "reader endpoint": one A record per replica
+            role: reader
+            minconn: {readers_min}
+            maxconn: {readers_max}
+            lifetime_timeout: 60      # connections drift onto replicas added later
+        """)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # like a deploy tool: a reload never sees half a file
+
+
+def _hosts(servers: Sequence[Any]) -> str:
+    return " ".join(s.host for s in servers)
+
+
+class Demo:
+    """One run: setup, the workload with the table and the timeline, the summary, cleanup."""
+
+    def __init__(self, args: argparse.Namespace, out: Output) -> None:
+        self.args = args
+        self.out = out
+        self.duration: float = args.duration
+        self.interval: float = args.interval
+        self.cluster: LocalCluster | None = None
+        self.dns: DnsServer | None = None
+        self.tmpdir: Path | None = None
+        self.yaml_path: Path | None = None
+        self.registry: Registry | None = None
+        self.workload: Workload | None = None
+        self.table: Table | None = None
+        self.phase = "setup"
+        self.t0 = 0.0
+        self.elapsed = 0.0
+        self.events: list[Event] = []
+        self.watch: FailoverWatch | None = None
+        self.new_replica_label: str | None = None
+        self.new_replica_added_at: float | None = None
+        self.reloads_seen = 0
+        self.reload_errors_seen = 0
+        self.completed = False
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def setup_local(self, stack: contextlib.ExitStack) -> None:
+        try:
+            from .testing.cluster import LocalCluster
+            from .testing.dns import DnsServer
+        except ImportError as exc:
+            raise SystemExit(
+                f"the demo needs the project's test extra ({exc}): "
+                "pip install -e '.[test]' (make demo does it)"
+            ) from exc
+
+        started = time.monotonic()
+        self.out.line(f"pgregistry demo: {self.duration:.0f} s of workload against a local "
+                      "Aurora-like cluster (Ctrl-C stops it early)")
+        cluster = LocalCluster(n_replicas=2)
+        stack.callback(cluster.stop)  # stops every server, deletes the data
+        cluster.start()
+        self.cluster = cluster
+        primary = cluster.primary
+        primary.execute(
+            f"CREATE TABLE {DEMO_TABLE} (id bigserial PRIMARY KEY, worker int NOT NULL,"
+            " at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
+        cluster.wait_replicated()
+        version = primary.execute("SELECT split_part(current_setting('server_version'), ' ', 1)")
+        self.out.line(
+            f"  cluster   writer {primary.host}, replicas {_hosts(cluster.replicas)}, "
+            f"port {cluster.port} (PostgreSQL {version[0][0] if version else '?'}, "
+            f"data in {cluster.dir})"
+        )
+
+        dns = DnsServer()
+        stack.callback(dns.stop)
+        dns.start()
+        self.dns = dns
+        dns.set_a(WRITER_HOST, [primary.host], ttl=DNS_TTL)
+        dns.set_a(READERS_HOST, [r.host for r in cluster.replicas], ttl=DNS_TTL)
+        self.out.line(f"  dns       {dns.host}:{dns.port}, TTL {DNS_TTL} s: {WRITER_HOST} -> "
+                      f"{primary.host}; {READERS_HOST} -> {_hosts(cluster.replicas)}")
+
+        tmpdir = Path(tempfile.mkdtemp(prefix="pgregistry-demo-"))
+        stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
+        self.tmpdir = tmpdir
+        self.yaml_path = tmpdir / "pools.yaml"
+        _write_atomically(self.yaml_path, demo_yaml(dns.port, cluster.port))
+        self.out.line(f"  config    {self.yaml_path} (writer: minconn 2, maxconn 8; "
+                      "readers: minconn 2, maxconn 6)")
+        self._build(stack, writer="writer", reader="readers",
+                    write_sql=DEMO_WRITE, read_sql=DEMO_READ)
+
+        d = self.duration
+        self.events = [
+            Event(d / 6, "sighup", self.event_sighup),
+            Event(d / 3, "new-replica", self.event_add_replica),
+            Event(d / 2, "failover", self.event_failover),
+        ]
+        self.out.line(
+            f"  workload  {WRITER_THREADS} writer threads (INSERT + COMMIT), "
+            f"{READER_THREADS} reader threads (SELECT)"
+        )
+        self.out.line(
+            "  timeline  " + ", ".join(f"{e.at:.0f} s {e.phase}" for e in self.events)
+            + f", {d:.0f} s end (setup took {time.monotonic() - started:.1f} s)"
+        )
+
+    def setup_config(self, stack: contextlib.ExitStack) -> None:
+        path = Path(self.args.config)
+        self.out.line(f"pgregistry demo: {self.duration:.0f} s of workload on the pools of "
+                      f"{path} (Ctrl-C stops it early; kill -HUP {os.getpid()} reloads the file)")
+        self.yaml_path = path
+        writer: str | None = self.args.writer
+        reader: str | None = self.args.reader
+        known = self._peek_pools(path)
+        if writer not in known:
+            self.out.line(f"  no pool {writer!r} in {path} (pools: {', '.join(known)}): "
+                          "no writes")
+            writer = None
+        if reader not in known:
+            self.out.line(f"  no pool {reader!r} in {path} (pools: {', '.join(known)}): "
+                          "no reads")
+            reader = None
+        if writer is None and reader is None:
+            raise SystemExit(f"nothing to run: name a writer and/or a reader pool of {path} "
+                             "with --writer / --reader")
+        self._build(stack, writer=writer, reader=reader,
+                    write_sql=CONFIG_WRITE, read_sql=CONFIG_READ)
+        threads = []
+        if writer:
+            threads.append(f"{WRITER_THREADS} writer threads on {writer!r} "
+                           "(SELECT txid_current() + COMMIT)")
+        if reader:
+            threads.append(f"{READER_THREADS} reader threads on {reader!r} (SELECT 1)")
+        self.out.line("  workload  " + ", ".join(threads))
+
+    @staticmethod
+    def _peek_pools(path: Path) -> list[str]:
+        from schemas import load_config
+
+        return list(load_config(path).pools)
+
+    def _build(self, stack: contextlib.ExitStack, *, writer: str | None, reader: str | None,
+               write_sql: str, read_sql: str) -> None:
+        assert self.yaml_path is not None
+        main_thread = threading.current_thread() is threading.main_thread()
+        registry = Registry.from_yaml(self.yaml_path, install_sighup=main_thread)
+        stack.callback(registry.close)
+        self.registry = registry
+        self.workload = Workload(registry, writer=writer, reader=reader,
+                                 write_sql=write_sql, read_sql=read_sql)
+        stack.callback(self.workload.stop)
+        self.table = Table(self.out, registry, self.workload)
+        self._wait_prewarmed(5.0)
+
+    def _wait_prewarmed(self, limit: float) -> None:
+        assert self.registry is not None and self.workload is not None
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            stats = self.registry.stats()
+            if all(stats[side.pool]["size"] >= stats[side.pool]["minconn"]
+                   or stats[side.pool]["connect_errors"] for side in self.workload.sides()):
+                return
+            time.sleep(0.02)
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The workload, the table and the timeline until the duration is over."""
+        assert self.workload is not None and self.table is not None
+        assert self.registry is not None
+        self.out.line()
+        self.table.header()
+        self.phase = "steady" if self.events else "workload"
+        self.t0 = time.monotonic()
+        self.out.t0 = self.t0
+        self.table.prime()
+        self.workload.start()
+        end = self.t0 + self.duration
+        next_tick = self.t0 + self.interval
+        while True:
+            now = time.monotonic()
+            self.elapsed = now - self.t0
+            if now >= end:
+                break
+            while self.events and self.events[0].at <= self.elapsed:
+                event = self.events.pop(0)
+                self.phase = event.phase
+                event.action()
+            self._watch()
+            now = time.monotonic()
+            if now >= next_tick:
+                self.table.tick(now - self.t0, self.phase)
+                # after a long event: no burst of lines to catch up, none half an interval apart
+                next_tick = max(next_tick + self.interval, now + self.interval / 2)
+            time.sleep(max(0.0, min(LOOP_TICK, next_tick - now, end - now)))
+        self.elapsed = self.duration
+        self.table.tick(self.duration, self.phase)
+        self.completed = True
+
+    def _watch(self) -> None:
+        """Things the timeline waits for: reloads, the new replica's first connection, writes
+        resuming after the failover."""
+        assert self.registry is not None
+        reg = self.registry.stats()["_registry"]
+        if reg["reloads"] > self.reloads_seen:
+            self.reloads_seen = reg["reloads"]
+            result = reg["last_reload_result"] or {}
+            changed = "; ".join(f"{k} {', '.join(result[k])}"
+                                for k in ("added", "removed", "replaced", "retuned")
+                                if result.get(k)) or "nothing changed"
+            self.out.event(f"reload done: generation {result.get('generation')}, {changed} "
+                           f"(unchanged: {', '.join(result.get('unchanged', [])) or '-'}; "
+                           f"took {1000 * float(result.get('duration_s', 0.0)):.1f} ms)")
+        if reg["reload_errors"] > self.reload_errors_seen:
+            self.reload_errors_seen = reg["reload_errors"]
+            self.out.event(f"reload REFUSED, the running pools stay as they are: "
+                           f"{reg['last_reload_error']}")
+        if self.new_replica_label is not None and self.workload and self.workload.reads:
+            stats = self.registry.stats().get(self.workload.reads.pool, {})
+            row = stats.get("addresses", {}).get(self.new_replica_label)
+            if row and row["connections"]:
+                assert self.new_replica_added_at is not None
+                self.out.event(
+                    f"{self.workload.reads.pool}: first connections on "
+                    f"{self.new_replica_label} ({row['connections']}), "
+                    f"{time.monotonic() - self.new_replica_added_at:.1f} s after it joined DNS"
+                )
+                self.new_replica_label = None
+        watch = self.watch
+        if watch is not None and not watch.announced and watch.first_after is not None:
+            watch.announced = True
+            self.phase = "recovered"
+            last = (f"last write on {watch.old_host} at {watch.last_before - self.t0:.2f} s"
+                    if watch.last_before is not None else "no write on the old writer")
+            self.out.event(
+                f"writes resumed on {watch.first_after_host}: write outage "
+                f"{watch.outage or 0.0:.2f} s ({last}, first on the new writer at "
+                f"{watch.first_after - self.t0:.2f} s); recovery {watch.recovery or 0.0:.2f} s "
+                "after the failover started"
+            )
+
+    # -- the timeline -----------------------------------------------------------------------
+
+    def event_sighup(self) -> None:
+        assert self.yaml_path is not None and self.cluster and self.dns and self.registry
+        _write_atomically(self.yaml_path, demo_yaml(self.dns.port, self.cluster.port,
+                                                    readers_min=6, readers_max=9))
+        if signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            # no handler (the demo is not on the main thread): SIGHUP would end the process
+            self.out.event("readers grows (minconn 2 -> 6, maxconn 6 -> 9): YAML rewritten, "
+                           "reload requested (no SIGHUP handler off the main thread)")
+            self.registry.request_reload()
+            return
+        self.out.event("SIGHUP: readers grows (minconn 2 -> 6, maxconn 6 -> 9): YAML rewritten, "
+                       f"kill -HUP {os.getpid()}")
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    def event_add_replica(self) -> None:
+        assert self.cluster is not None and self.dns is not None
+        self.out.event("new replica: pg_basebackup from the writer, then start it")
+        started = time.monotonic()
+        server = self.cluster.add_replica()
+        took = time.monotonic() - started
+        replicas = [r for r in self.cluster.replicas if r.running]
+        self.dns.set_a(READERS_HOST, [r.host for r in replicas], ttl=DNS_TTL)
+        self.new_replica_label = f"{server.host}:{server.port}"
+        self.new_replica_added_at = time.monotonic()
+        self.out.event(f"new replica {server.name} on {server.host} ready in {took:.1f} s; "
+                       f"{READERS_HOST} -> {_hosts(replicas)}")
+
+    def event_failover(self) -> None:
+        assert self.cluster is not None and self.dns is not None and self.workload is not None
+        old = self.cluster.primary
+        self.out.event(f"FAILOVER: stopping the writer {old.host}, promoting a replica")
+        self.watch = self.workload.watch_failover(old.host)
+        new = self.cluster.failover()
+        self.watch.promoted_in = time.monotonic() - self.watch.started
+        self.watch.new_host = new.host
+        self.dns.set_a(WRITER_HOST, [new.host], ttl=DNS_TTL)
+        replicas = [r for r in self.cluster.replicas if r.running]
+        self.dns.set_a(READERS_HOST, [r.host for r in replicas], ttl=DNS_TTL)
+        self.out.event(
+            f"FAILOVER: {new.name} ({new.host}) promoted in {self.watch.promoted_in:.2f} s, "
+            f"other replicas follow it; {WRITER_HOST} -> {new.host}, "
+            f"{READERS_HOST} -> {_hosts(replicas)}"
+        )
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def summary(self, interrupted: str | None) -> None:
+        out = self.out
+        out.line()
+        if self.workload is None or self.registry is None or self.out.t0 is None:
+            out.line(f"== summary: {interrupted or 'stopped'} during setup; nothing ran ==")
+            return
+        ran = max(self.elapsed, 1e-6)
+        how = f"interrupted ({interrupted}) after {ran:.1f} s" if interrupted else \
+            f"{ran:.0f} s of workload"
+        out.line(f"== summary: {how} ==")
+        stats = self.registry.stats()
+        sides = self.workload.sides()
+        width = max([len("pool"), *(len(s.pool) for s in sides)])
+        out.line(f"{'pool':<{width}}  {'side':<6}  {'operations':>10}  {'ops/s':>6}  "
+                 f"{'errors':>6}  final spread")
+        for side in sides:
+            kind = "writes" if side is self.workload.writes else "reads"
+            spread = format_spread(stats[side.pool]) if side.pool in stats else "-"
+            out.line(f"{side.pool:<{width}}  {kind:<6}  {side.ops:>10}  {side.ops / ran:6.0f}  "
+                     f"{side.errors:>6}  {spread}")
+        for side in sides:
+            for kind, n in side.error_kinds.most_common():
+                out.line(f"  {side.pool} errors: {n} x {kind}: {side.error_samples[kind]}")
+        reg = stats["_registry"]
+        last = reg["last_reload_result"]
+        reload_text = f"reloads: {reg['reloads']} done, {reg['reload_errors']} refused"
+        if last:
+            changed = "; ".join(f"{k} {', '.join(last[k])}"
+                                for k in ("added", "removed", "replaced", "retuned") if last[k])
+            reload_text += f" (last: generation {last['generation']}, {changed or 'no change'})"
+        out.line(reload_text)
+        for name, s in stats.items():
+            if name.startswith("_"):
+                continue
+            out.line(f"pool {name}: {s['connections_opened']} connections opened, "
+                     f"{s['connect_errors']} connect errors, closed by reason "
+                     f"{dict(sorted(s['closed_by_reason'].items())) or '{}'}")
+        watch = self.watch
+        if watch is not None:
+            if watch.first_after is not None:
+                before = (f"{watch.last_before - self.t0:.2f} s"
+                          if watch.last_before is not None else "-")
+                out.line(
+                    f"write recovery: failover at {watch.started - self.t0:.2f} s "
+                    f"({watch.old_host} -> {watch.new_host}, promoted in "
+                    f"{watch.promoted_in or 0.0:.2f} s); last write before {before}, first "
+                    f"after {watch.first_after - self.t0:.2f} s on {watch.first_after_host}: "
+                    f"outage {watch.outage or 0.0:.2f} s, recovery {watch.recovery or 0.0:.2f} s"
+                )
+            elif interrupted:
+                out.line(f"write recovery: writes had not resumed yet (failover at "
+                         f"{watch.started - self.t0:.2f} s)")
+            else:
+                out.line(f"write recovery: FAILED: no write succeeded after the failover at "
+                         f"{watch.started - self.t0:.2f} s")
+        elif self.cluster is not None and not interrupted:
+            out.line("write recovery: the failover did not run")
+        if interrupted:
+            out.line("result: interrupted")
+        elif watch is not None and watch.first_after is None:
+            out.line("result: FAILED (writes did not resume after the failover)")
+        else:
+            out.line("result: completed")
+
+    @property
+    def succeeded(self) -> bool:
+        if not self.completed:
+            return False
+        return self.watch is None or self.watch.first_after is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m registry demo", description=(__doc__ or "").replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--duration", type=_positive, default=60.0, metavar="SECONDS",
+                        help="seconds of workload; the timeline scales with it "
+                             f"(default 60, at least {MIN_TIMELINE_DURATION:.0f} "
+                             "without --config)")
+    parser.add_argument("--interval", type=_positive, default=2.0, metavar="SECONDS",
+                        help="seconds between two blocks of the table (default 2)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="run the workload on the pools of this YAML file instead of a "
+                             "local cluster (no timeline)")
+    parser.add_argument("--writer", default="writer", metavar="NAME",
+                        help="with --config: the pool to write to (default writer)")
+    parser.add_argument("--reader", default="readers", metavar="NAME",
+                        help="with --config: the pool to read from (default readers)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="INFO logs of the pools on stderr (default: warnings only)")
+    args = parser.parse_args(argv)
+    if args.config is None and args.duration < MIN_TIMELINE_DURATION:
+        parser.error(f"--duration must be at least {MIN_TIMELINE_DURATION:.0f} s for the "
+                     "timeline (or use --config)")
+    return args
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool) -> Iterator[None]:
+    """Warnings (or, verbose, the pools' INFO logs) on stderr, so the table stays readable."""
+    root = logging.getLogger()
+    handler: logging.Handler | None = None
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    names = ("pools", "registry", "schemas")
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    saved.append((root, root.level))
+    root.setLevel(logging.WARNING)
+    for name in names:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+        if handler is not None:
+            root.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM (and SIGINT, as always) end the run like Ctrl-C: summary, then cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _no_interruptions() -> Iterator[None]:
+    """While stopping and cleaning up, a second Ctrl-C must not leave servers behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Output()
+    with _logging(args.verbose), _stop_signals():
+        demo = Demo(args, out)
+        interrupted: str | None = None
+        exit_code = 0
+        try:
+            with contextlib.ExitStack() as stack:
+                try:
+                    if args.config:
+                        demo.setup_config(stack)
+                    else:
+                        demo.setup_local(stack)
+                    demo.run()
+                except (Interrupted, KeyboardInterrupt) as exc:
+                    signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+                    interrupted = signal.Signals(signum).name
+                    exit_code = 128 + signum  # 130 for Ctrl-C, like a shell
+                finally:
+                    with _no_interruptions():
+                        if demo.workload is not None:
+                            demo.workload.stop()
+                        if interrupted or demo.completed:
+                            demo.summary(interrupted)
+                        stack.close()  # registry, DNS, cluster, temp files: in that order
+        except ConfigError as exc:
+            out.error(str(exc))
+            return 1
+        except SystemExit as exc:
+            if isinstance(exc.code, str):
+                out.error(f"demo: {exc.code}")
+                return 1
+            raise
+        except Exception as exc:
+            logger.debug("demo failed", exc_info=True)
+            out.error(f"demo failed: {type(exc).__name__}: {exc}")
+            return 1
+    out.line("stopped and cleaned up")
+    if interrupted:
+        return exit_code
+    return 0 if demo.succeeded else 1
