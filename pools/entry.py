@@ -34,6 +34,8 @@ class Entry:
         "doom_reason",
         "backend_pid",
         "server_role",
+        "fresh_until",
+        "uses",
     )
 
     def __init__(
@@ -60,6 +62,10 @@ class Entry:
         self.doom_reason: str | None = None
         self.backend_pid = conn.info.backend_pid
         self.server_role: str | None = None  # as reported when it opened (pools.pool.server_role)
+        # until when a checkout may hand it out with no check at all: min(expiry, last use +
+        # validation_bypass); -inf sends every checkout of it through the slow path
+        self.fresh_until = created_at
+        self.uses = 0  # checkouts (counted by the holder: exact without a lock)
 
     def __repr__(self) -> str:
         state = ("idle", "in use", "returning", "closed")[self.state]

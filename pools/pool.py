@@ -29,7 +29,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions as ext
 
-from .clock import REAL_CLOCK, Clock
+from .clock import REAL_CLOCK, Clock, RealClock
 from .connector import ConnectFailed, Connector
 from .entry import CLOSED, IDLE, IN_USE, RETURNING, Entry
 from .errors import (
@@ -195,6 +195,10 @@ class ConnectionPool:
 
         self.name = name or f"pool-{next(_pool_counter)}"
         self._clock = clock or (supervisor.clock if supervisor else REAL_CLOCK)
+        # the hot path reads time through a plain function (the builtin, for the real clock)
+        self._now: Callable[[], float] = (
+            time.monotonic if isinstance(self._clock, RealClock) else self._clock.monotonic
+        )
         self._supervisor = supervisor or get_supervisor()
         self._rng = rng or random.Random()
         self._connector = Connector(
@@ -204,7 +208,9 @@ class ConnectionPool:
         )
         self.rebalance_fraction = rebalance_fraction
         self.rebalance_interval = rebalance_interval
-        self.role = role
+        self._role = role
+        self._role_aware = role != "any"
+        self._return_hooks = reset is not None or self._role_aware
         self.role_check_interval = role_check_interval
         self._next_role_check_at = 0.0
         self._n_role_changes = 0
@@ -217,23 +223,27 @@ class ConnectionPool:
         self.reap_idle_interval = reap_idle_interval
         self.lifetime_timeout = lifetime_timeout
         self.lifetime_jitter = lifetime_jitter
-        self.test_on_borrow = test_on_borrow
-        self.validation_bypass = validation_bypass
+        self._test_on_borrow = test_on_borrow
+        self._validation_bypass = validation_bypass
+        self._ping_after = validation_bypass if test_on_borrow else math.inf
         self.timeout = timeout
         self.max_waiting = max_waiting
         self._fifo = reuse == "fifo"
         self._configure = configure
         self._reset = reset
+        self._cap: int | float = maxconn  # maxconn; -1 once closed (one test on the hot path)
         self._autocommit = autocommit
         self._backoff_initial = reconnect_backoff
         self._backoff_max = max(reconnect_backoff_max, reconnect_backoff)
 
         # state, under _lock
         self._idle: deque[Entry] = deque()
+        self._take: Callable[[], Entry] = self._idle.popleft if reuse == "fifo" else self._idle.pop
+        self._out: set[Entry] = set()  # checked out (membership is the ownership test)
+        self._retired_uses = 0  # checkouts of connections no longer in the pool
         self._entries: dict[int, Entry] = {}
         self._size = 0  # open + opening: the number maxconn bounds
         self._opening = 0
-        self._n_in_use = 0
         self._waiters: deque[_Waiter] = deque()
         self._closed = False
         self._pid = os.getpid()
@@ -251,7 +261,6 @@ class ConnectionPool:
         # counters, under _lock
         self._n_opened = 0
         self._closed_by: dict[str, int] = {}
-        self._n_checkouts = 0
         self._n_timeouts = 0
         self._n_connect_errors = 0
         self._n_waits = 0
@@ -291,6 +300,30 @@ class ConnectionPool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def test_on_borrow(self) -> bool:
+        return self._test_on_borrow
+
+    @test_on_borrow.setter
+    def test_on_borrow(self, value: bool) -> None:
+        self._test_on_borrow = bool(value)
+        self._ping_after = self._validation_bypass if value else math.inf
+        self._refresh_fresh_until()
+
+    @property
+    def validation_bypass(self) -> float:
+        return self._validation_bypass
+
+    @validation_bypass.setter
+    def validation_bypass(self, value: float) -> None:
+        self._validation_bypass = value
+        self._ping_after = value if self._test_on_borrow else math.inf
+        self._refresh_fresh_until()
+
+    @property
+    def role(self) -> str:
+        return self._role
+
     def conn(self, timeout: float | None = None) -> _Checkout:
         """``with pool.conn() as conn:`` check out a connection and give it back on exit."""
         return _Checkout(self, timeout)
@@ -298,55 +331,82 @@ class ConnectionPool:
     def getconn(self, timeout: float | None = None) -> Connection:
         """Check out a connection: an idle one, else a new one below ``maxconn``, else wait up
         to ``timeout`` seconds (default: the pool's ``timeout``; 0: raise at once)."""
+        # The hot path takes no lock: the idle queue's pop is atomic, and an entry popped is
+        # this thread's alone. An entry that is expired, or needs a ping or a role check, and
+        # an empty queue, go to the slow path (under the lock).
+        try:
+            e: Entry | None = self._take()
+        except IndexError:
+            e = None  # (leave the except block: errors raised later must not chain to it)
+        if e is None:
+            return self._getconn_slow(timeout, None)
+        now = self._now()
+        if now < e.fresh_until:
+            conn = e.conn
+            e.conn = None
+            e.state = IN_USE
+            e.checked_out_at = now
+            e.uses += 1
+            self._out.add(e)
+            return conn  # type: ignore[return-value]
+        return self._getconn_slow(timeout, e)
+
+    def _getconn_slow(self, timeout: float | None, popped: Entry | None) -> Connection:
+        if popped is not None:
+            conn = self._checkout_popped(popped)
+            if conn is not None:
+                return conn
         while True:
             lock = self._lock
-            now = self._clock.monotonic()
             with lock:
                 if self._orphans:
                     self._collect_orphans_locked()
                 if self._closed:
                     raise self._closed_error()
-                idle = self._idle
-                if idle and not self._waiters:
-                    e = idle.popleft() if self._fifo else idle.pop()
-                    if now < e.expires_at:
-                        e.state = IN_USE
-                        conn = e.conn
-                        e.conn = None
-                        e.checked_out_at = now
-                        self._n_in_use += 1
-                        self._n_checkouts += 1
-                        ping = (
-                            self.test_on_borrow and now - e.last_used_at >= self.validation_bypass
-                        )
-                    else:
-                        conn = self._forget_locked(e)
-                        reason = e.doom_reason or "lifetime"
-                        lock.release()
-                        try:
-                            self._close_conn(e, conn, reason)
-                        finally:
-                            lock.acquire()
+                e = None
+                if self._idle and not self._waiters:
+                    e = self._take_or_none()
+                    if e is None:  # taken by a lock-free checkout meanwhile
                         continue
                 elif self._size < self._maxconn and not self._waiters:
                     self._size += 1
                     self._opening += 1
-                    conn = None
                 else:
                     conn = self._wait_locked(timeout)
                     if conn is not None:
                         return conn
                     # else: a permit to open a connection (slot already counted)
-            if conn is None:
+            if e is None:
                 budget = self.timeout if timeout is None else timeout
                 return self._open_checked_out(time.monotonic() + budget if budget > 0 else None)
-            if ping and not self._ping(conn):
-                self._discard(e, conn, "validation")
-                continue
-            if self.role != "any" and self._role_changed(e, conn):
-                self._discard(e, conn, e.doom_reason or "role_change")
-                continue
-            return conn
+            conn = self._checkout_popped(e)
+            if conn is not None:
+                return conn
+
+    def _checkout_popped(self, e: Entry) -> Connection | None:
+        """An entry taken from the idle queue: closed if expired, else checked out, pinged if
+        it has not been used for a while, role-checked on writer/reader pools. Returns the
+        connection, or None if it was not fit to hand out."""
+        now = self._now()
+        conn = e.conn
+        assert conn is not None
+        if now >= e.expires_at:
+            with self._lock:
+                self._forget_locked(e)
+            self._close_conn(e, conn, e.doom_reason or "lifetime")
+            return None
+        e.conn = None
+        e.state = IN_USE
+        e.checked_out_at = now
+        e.uses += 1
+        self._out.add(e)
+        if now - e.last_used_at >= self._ping_after and not self._ping(conn):
+            self._discard(e, conn, "validation")
+            return None
+        if self._role_aware and self._role_changed(e, conn):
+            self._discard(e, conn, e.doom_reason or "role_change")
+            return None
+        return conn
 
     def putconn(self, conn: Connection, close: bool = False) -> None:
         """Give a connection back. Uncommitted work is rolled back; a broken, closed or expired
@@ -354,46 +414,105 @@ class ConnectionPool:
         does not hold as checked out raises :class:`BadConnectionError`, leaving the pool as
         it was."""
         e = self._entries.get(id(conn))
-        if e is None or e.state != IN_USE or (w := e.wref) is None or w() is not conn:
+        if e is None or (w := e.wref) is None or w() is not conn:
             e = self._entry_for_return(conn)
+        try:
+            self._out.remove(e)  # atomic: of two returns of one connection, one wins
+        except KeyError:
+            raise BadConnectionError(
+                f"pool {self.name!r}: connection returned twice (it is already idle)",
+                pool=self.name,
+            ) from None
+        try:
+            status = conn.get_transaction_status()
+        except psycopg2.InterfaceError:  # closed, by the user or by a broken link
+            status = -1
+        now = self._now()
+        if (status or close or self._return_hooks or now >= e.expires_at
+                or self._size > self._cap):
+            self._putconn_slow(e, conn, close, status)
+            return
+        # The hot path takes no lock: publish the entry to the idle queue (atomic append),
+        # then look for waiters or a close that may have come meanwhile.
+        e.last_used_at = now
+        fresh = now + self._ping_after
+        e.fresh_until = fresh if fresh < e.expires_at else e.expires_at
+        e.conn = conn
+        e.state = IDLE
+        self._idle.append(e)
+        if self._waiters or self._closed:
+            self._after_publish()
+
+    def _fresh_until(self, e: Entry, used_at: float) -> float:
+        """Until when ``e`` may be handed out without any check (see Entry.fresh_until)."""
+        if self._role_aware:
+            return -math.inf  # every checkout looks at the server's role (no round trip)
+        return min(e.expires_at, used_at + self._ping_after)
+
+    def _refresh_fresh_until(self) -> None:
+        with self._lock:
+            for e in list(self._idle):
+                e.fresh_until = self._fresh_until(e, e.last_used_at)
+
+    def _after_publish(self) -> None:
+        """After a lock-free return: serve waiters from the idle queue, or, if the pool closed
+        meanwhile, close what is idle."""
+        with self._lock:
+            if self._closed:
+                conns = [(e, self._forget_locked(e)) for e in self._drain_idle_locked()]
+            else:
+                self._dispatch_locked()
+                return
+        for e, conn in conns:
+            self._close_conn(e, conn, "pool_closed")
+
+    def _take_or_none(self) -> Entry | None:
+        try:
+            return self._take()
+        except IndexError:
+            return None
+
+    def _dispatch_locked(self) -> None:
+        """Hand idle connections to waiters, oldest first, while there are both."""
+        while self._waiters:
+            e = self._take_or_none()
+            if e is None:
+                return
+            conn = e.conn
+            assert conn is not None
+            self._handoff_locked(e, conn)
+
+    def _putconn_slow(self, e: Entry, conn: Connection, close: bool, status: int) -> None:
+        """A return that needs work first: a rollback, a reset, a role check, or a close. The
+        entry is already out of the checked-out set."""
         reason: str | None = "requested" if close else None
         if reason is None:
-            if conn.closed:
+            if status < 0 or conn.closed:
                 reason = "broken"
             else:
-                status = conn.get_transaction_status()
                 if status != _TX_IDLE:
                     reason = self._rollback(conn, status)
                 if reason is None and self._reset is not None:
                     reason = self._run_reset(conn)
-        if reason is None and self.role != "any" and self._role_changed(e, conn):
+        if reason is None and self._role_aware and self._role_changed(e, conn):
             reason = e.doom_reason or "role_change"
-        now = self._clock.monotonic()
+        now = self._now()
         if reason is None and now >= e.expires_at:
             reason = e.doom_reason or "lifetime"
         with self._lock:
-            if e.state != IN_USE:
-                raise BadConnectionError(
-                    f"pool {self.name!r}: connection returned twice", pool=self.name
-                )
-            if reason is None:
-                if self._closed:
-                    reason = "pool_closed"
-                elif self._size > self._maxconn:
-                    reason = "resize"
+            if reason is None and self._size > self._cap:
+                reason = "pool_closed" if self._closed else "resize"
             if reason is None:
                 e.last_used_at = now
+                e.fresh_until = self._fresh_until(e, now)
                 if self._waiters:
-                    e.checked_out_at = now
-                    self._handoff_locked(conn)
+                    self._handoff_locked(e, conn)
                 else:
-                    e.state = IDLE
                     e.conn = conn
-                    self._n_in_use -= 1
+                    e.state = IDLE
                     self._idle.append(e)
                 return
             e.state = RETURNING
-            self._n_in_use -= 1
             self._forget_locked(e)
         self._close_conn(e, conn, reason)
 
@@ -405,7 +524,7 @@ class ConnectionPool:
     def owns(self, conn: object) -> bool:
         """Whether ``conn`` is a connection this pool gave out and has not had back."""
         e = self._entries.get(id(conn))
-        return e is not None and e.wref is not None and e.wref() is conn and e.state == IN_USE
+        return e is not None and e.wref is not None and e.wref() is conn and e in self._out
 
     # Settings a running pool takes in place; everything else is connection identity.
     LIVE_SETTINGS = frozenset({
@@ -437,6 +556,7 @@ class ConnectionPool:
             if reuse not in ("fifo", "lifo"):
                 raise ValueError(f"reuse must be 'fifo' or 'lifo', got {reuse!r}")
             self._fifo = reuse == "fifo"
+            self._take = self._idle.popleft if self._fifo else self._idle.pop
         if "reconnect_backoff" in settings:
             self._backoff_initial = settings.pop("reconnect_backoff")
         if "reconnect_backoff_max" in settings:
@@ -463,9 +583,7 @@ class ConnectionPool:
         """Close every idle connection now, whatever ``minconn`` says (the supervisor refills
         to ``minconn`` afterwards). Returns how many were closed."""
         with self._lock:
-            idle = list(self._idle)
-            self._idle.clear()
-            conns = [(e, self._forget_locked(e)) for e in idle]
+            conns = [(e, self._forget_locked(e)) for e in self._drain_idle_locked()]
         for e, conn in conns:
             self._close_conn(e, conn, reason)
         return len(conns)
@@ -478,6 +596,8 @@ class ConnectionPool:
         with self._lock:
             self._maxconn = maxconn
             self._minconn = new_min
+            if not self._closed:
+                self._cap = maxconn
             self._grant_permits_locked()
         logger.info("pool %s: resized to minconn=%s maxconn=%s", self.name, new_min, maxconn)
         self._reap(self._clock.monotonic(), reap_idle=False)
@@ -490,12 +610,16 @@ class ConnectionPool:
             if self._closed:
                 return
             self._closed = True
+            self._cap = -1
             while self._waiters:
                 w = self._waiters.popleft()
                 w.error = self._closed_error()
                 w.cond.notify()
+            # in the same locked step (a return racing this sees _closed and closes its own)
+            conns = [(e, self._forget_locked(e)) for e in self._drain_idle_locked()]
         self._supervisor.unregister(self._task)
-        self.clear_idle("pool_closed")
+        for e, conn in conns:
+            self._close_conn(e, conn, "pool_closed")
         logger.info("pool %s: closed", self.name)
 
     def close_all(self) -> None:
@@ -521,14 +645,14 @@ class ConnectionPool:
                 "maxconn": self._maxconn,
                 "size": self._size,
                 "idle": len(self._idle),
-                "in_use": self._n_in_use,
+                "in_use": self._in_use_locked(),
                 "opening": self._opening,
                 "waiting": len(self._waiters),
                 "closed": self._closed,
                 "connections_opened": self._n_opened,
                 "connections_closed": closed_total,
                 "closed_by_reason": dict(self._closed_by),
-                "checkouts": self._n_checkouts,
+                "checkouts": self._retired_uses + sum(e.uses for e in self._entries.values()),
                 "checkout_timeouts": self._n_timeouts,
                 "connect_errors": self._n_connect_errors,
                 "last_connect_error": _summarise_error(err) if err else None,
@@ -643,14 +767,10 @@ class ConnectionPool:
     def _abandon_wait_locked(self, w: _Waiter) -> None:
         if w.conn is not None:
             e = self._entries.get(id(w.conn))
-            if e is not None and e.state == IN_USE:
-                if self._waiters:
-                    self._handoff_locked(w.conn)
-                else:
-                    e.state = IDLE
-                    e.conn = w.conn
-                    self._n_in_use -= 1
-                    self._idle.append(e)
+            if e is not None and e in self._out:
+                self._out.discard(e)
+                e.uses -= 1  # it never reached its caller
+                self._release_new_locked(e, w.conn)
         elif w.permit:
             self._size -= 1
             self._opening -= 1
@@ -658,11 +778,15 @@ class ConnectionPool:
         elif w in self._waiters:
             self._waiters.remove(w)
 
-    def _handoff_locked(self, conn: Connection) -> None:
-        """Give a checked-out-state connection to the oldest waiter (its entry stays IN_USE)."""
+    def _handoff_locked(self, e: Entry, conn: Connection) -> None:
+        """Check ``e`` out to the oldest waiter."""
         w = self._waiters.popleft()
+        e.conn = None
+        e.state = IN_USE
+        e.checked_out_at = self._now()
+        e.uses += 1
+        self._out.add(e)
         w.conn = conn
-        self._n_checkouts += 1
         w.cond.notify()
 
     def _grant_permits_locked(self) -> None:
@@ -675,16 +799,31 @@ class ConnectionPool:
             w.cond.notify()
 
     def _release_new_locked(self, e: Entry, conn: Connection) -> None:
-        """A connection opened by maintenance joins the pool: to a waiter, or idle."""
+        """A connection joins the idle queue (opened by maintenance, or given back by a
+        waiter that left): to a waiter if one waits."""
         if self._waiters:
-            e.state = IN_USE
-            e.conn = None
-            self._n_in_use += 1
-            self._handoff_locked(conn)
+            self._handoff_locked(e, conn)
         else:
             e.state = IDLE
             e.conn = conn
             self._idle.append(e)
+
+    def _drain_idle_locked(self) -> list[Entry]:
+        """Take every entry out of the idle queue, in order (one pop at a time: lock-free
+        checkouts may pop concurrently; nothing is lost or taken twice)."""
+        drained: list[Entry] = []
+        take = self._idle.popleft
+        while True:
+            try:
+                drained.append(take())
+            except IndexError:
+                return drained
+
+    def _refill_idle_locked(self, entries: list[Entry]) -> None:
+        """Put survivors of a drain back at the front, in their order (before anything
+        returned meanwhile), and serve waiters."""
+        self._idle.extendleft(reversed(entries))
+        self._dispatch_locked()
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -730,6 +869,7 @@ class ConnectionPool:
             on_lost=self._on_lost,
         )
         e.server_role = server_role(conn)
+        e.fresh_until = self._fresh_until(e, now)
         e.state = RETURNING  # owned by the opener until it hands it over
         with self._lock:
             if self._orphans:  # before reusing an id(conn) key an orphan may still hold
@@ -774,8 +914,8 @@ class ConnectionPool:
                 e.state = IN_USE
                 e.conn = None  # checked out: the pool keeps only the weak reference
                 e.checked_out_at = e.created_at
-                self._n_in_use += 1
-                self._n_checkouts += 1
+                e.uses += 1
+                self._out.add(e)
         if closed:
             self._close_conn(e, conn, "pool_closed")
             raise self._closed_error()
@@ -859,7 +999,9 @@ class ConnectionPool:
         if self._entries.get(e.key) is e:
             del self._entries[e.key]
             self._size -= 1
+            self._retired_uses += e.uses
             self._connector.book.closed(e.address)
+        self._out.discard(e)
         e.state = CLOSED
         e.conn = None
         e.wref = None  # drops the weakref, so its callback will not fire for this close
@@ -869,8 +1011,6 @@ class ConnectionPool:
     def _discard(self, e: Entry, conn: Connection, reason: str) -> None:
         """Drop a checked-out connection (failed validation, ...)."""
         with self._lock:
-            if e.state == IN_USE:
-                self._n_in_use -= 1
             self._forget_locked(e)
         self._close_conn(e, conn, reason)
 
@@ -902,8 +1042,6 @@ class ConnectionPool:
                 "pool %s: a checked-out connection (pid=%s) was garbage-collected without being "
                 "returned; its slot is freed", self.name, e.backend_pid,
             )
-            if e.state == IN_USE:
-                self._n_in_use -= 1
             self._forget_locked(e)
             self._closed_by["garbage_collected"] = self._closed_by.get("garbage_collected", 0) + 1
 
@@ -918,8 +1056,9 @@ class ConnectionPool:
                 self._collect_orphans_locked()
             if not self._idle:
                 return 0
+            drained = self._drain_idle_locked()
             # oldest-idle first, so reaping takes those the pool needs least
-            for e in sorted(self._idle, key=lambda x: x.last_used_at):
+            for e in sorted(drained, key=lambda x: x.last_used_at):
                 if now >= e.expires_at:
                     reason: str | None = e.doom_reason or "lifetime"
                 elif self._size > self._maxconn:
@@ -935,9 +1074,8 @@ class ConnectionPool:
                     reason = None
                 if reason is not None:
                     doomed.append((e, self._forget_locked(e), reason))
-            if doomed:
-                # put the survivors back in their reuse order
-                self._idle = deque(x for x in self._idle if x.state == IDLE)
+            # the survivors go back in their reuse order
+            self._refill_idle_locked([x for x in drained if x.state == IDLE])
         for e, conn, reason in doomed:
             self._close_conn(e, conn, reason)
         return len(doomed)
@@ -973,7 +1111,7 @@ class ConnectionPool:
                 nxt = now  # more to do: again, after whatever else is due
             if self._size < self._minconn:
                 nxt = min(nxt, max(now, self._backoff_until))
-            for e in self._idle:
+            for e in list(self._idle):
                 if e.expires_at < nxt:
                     nxt = e.expires_at
             if self.reap_idle_interval and self._size > self._minconn:
@@ -1075,13 +1213,15 @@ class ConnectionPool:
         with self._lock:
             seen: set[str] = set()
             picked: list[Entry] = []
-            for e in self._idle:
+            for e in list(self._idle):
                 if e.address not in seen:
                     seen.add(e.address)
+                    try:
+                        self._idle.remove(e)  # reserve it (unless a checkout just took it)
+                    except ValueError:
+                        continue
+                    e.state = RETURNING
                     picked.append(e)
-            for e in picked:
-                self._idle.remove(e)
-                e.state = RETURNING
         for e in picked:
             conn = e.conn
             assert conn is not None
@@ -1104,6 +1244,14 @@ class ConnectionPool:
 
     # -- addresses ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _doom(e: Entry, reason: str) -> None:
+        """Soft expiry: the connection closes when it comes back (and is never handed out
+        again, even by a checkout racing this)."""
+        e.doom_reason = reason
+        e.expires_at = -math.inf
+        e.fresh_until = -math.inf
+
     def _maybe_retire_removed(self) -> None:
         removed = self._connector.take_removed()
         if removed:
@@ -1115,17 +1263,16 @@ class ConnectionPool:
         doomed: list[tuple[Entry, Connection]] = []
         n_busy = 0
         with self._lock:
-            for e in list(self._entries.values()):
-                if e.address not in gone or e.doom_reason is not None:
-                    continue
-                if e.state == IDLE:
+            drained = self._drain_idle_locked()
+            for e in drained:
+                if e.address in gone:
                     doomed.append((e, self._forget_locked(e)))
-                else:
-                    e.doom_reason = reason
-                    e.expires_at = -math.inf
+            self._refill_idle_locked([e for e in drained if e.state == IDLE])
+            for e in list(self._entries.values()):
+                # checked out (or being checked out this instant): closed when returned
+                if e.address in gone and e.doom_reason is None:
+                    self._doom(e, reason)
                     n_busy += 1
-            if doomed:
-                self._idle = deque(x for x in self._idle if x.state == IDLE)
         logger.info(
             "pool %s: address(es) %s left DNS: closing %d idle connection(s), %d more on return",
             self.name, ", ".join(sorted(gone)), len(doomed), n_busy,
@@ -1161,18 +1308,20 @@ class ConnectionPool:
         with self._lock:
             if self._closed:
                 return False
-            victim = next((e for e in self._idle if e.address == hi), None)
+            victim = next((e for e in list(self._idle) if e.address == hi), None)
             if victim is not None:
                 # reserve it: out of the idle queue, so no checkout can take it meanwhile
-                self._idle.remove(victim)
+                try:
+                    self._idle.remove(victim)
+                except ValueError:
+                    return False  # a checkout took it this instant: next time
                 victim.state = RETURNING
             else:
                 busy = next((e for e in self._entries.values() if e.address == hi
                              and e.state == IN_USE and e.doom_reason is None), None)
                 if busy is None:
                     return False
-                busy.doom_reason = "rebalance"  # closes when it comes back
-                busy.expires_at = -math.inf
+                self._doom(busy, "rebalance")  # closes when it comes back
             self._moves_this_tick += 1
             if self._size < self._maxconn:
                 self._size += 1
@@ -1217,9 +1366,10 @@ class ConnectionPool:
             e.conn = None
         self._entries.clear()
         self._idle.clear()
+        self._out.clear()
         self._waiters.clear()
         self._orphans.clear()
-        self._size = self._opening = self._n_in_use = 0
+        self._size = self._opening = 0
         self._backoff_s = self._backoff_until = 0.0
         self._connector.after_fork()
         self._pid = os.getpid()
@@ -1234,11 +1384,14 @@ class ConnectionPool:
 
     # -- errors -----------------------------------------------------------------------------
 
+    def _in_use_locked(self) -> int:
+        return sum(1 for e in self._entries.values() if e.state == IN_USE)
+
     def _counts_locked(self) -> dict[str, int]:
         return {
             "size": self._size,
             "idle": len(self._idle),
-            "in_use": self._n_in_use,
+            "in_use": self._in_use_locked(),
             "waiting": len(self._waiters),
         }
 
@@ -1279,12 +1432,7 @@ class ConnectionPool:
                 self._collect_orphans_locked()
             e = self._entries.get(id(conn))
             if e is not None and e.wref is not None and e.wref() is conn:
-                if e.state == IN_USE:
-                    return e  # a stale orphan shadowed it; not an error after all
-                raise BadConnectionError(
-                    f"pool {self.name!r}: connection returned twice (it is already idle)",
-                    pool=self.name,
-                )
+                return e  # putconn's removal from the checked-out set decides the rest
         if not isinstance(conn, ext.connection):
             raise BadConnectionError(
                 f"pool {self.name!r}: putconn() takes a connection, got {type(conn).__name__}",

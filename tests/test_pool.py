@@ -828,8 +828,8 @@ def test_an_interrupted_waiter_gives_back_what_it_was_handed(make_pool):
     # exception is raised as it wakes) before it can take it
     with pool._lock:
         e = pool._entries[id(held)]
-        e.last_used_at = 0
-        pool._handoff_locked(held)
+        pool._out.discard(e)  # as putconn does, then straight to the waiter
+        pool._handoff_locked(e, held)
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(t.ident), ctypes.py_object(KeyboardInterrupt)
         )
