@@ -899,3 +899,86 @@ def test_forked_child_never_touches_the_parents_connections(make_pool, pg_server
     for c in conns:
         pool.putconn(c)
     assert pool.stats()["closed_by_reason"] == {}
+
+
+def test_chaos_lock_free_paths_against_maintenance(make_pool, pg_server, stepped):
+    """Lock-free checkouts and returns racing every maintenance operation: never one
+    connection in two hands, nothing lost, the books and the server agree at the end."""
+    pool = make_pool(minconn=2, maxconn=6, timeout=10, lifetime_timeout=50, idle_timeout=5,
+                     reap_idle_interval=1, validation_bypass=0.0)
+    holders: dict[int, int] = {}
+    lock = threading.Lock()
+    shared, errors = [], []
+    stop = threading.Event()
+
+    def hold(conn):
+        with lock:
+            if id(conn) in holders:
+                shared.append(id(conn))
+            holders[id(conn)] = threading.get_ident()
+
+    def release(conn):
+        with lock:
+            holders.pop(id(conn), None)
+
+    def worker(seed):
+        rnd = random.Random(seed)
+        while not stop.is_set():
+            try:
+                op = rnd.random()
+                if op < 0.5:
+                    conn = pool.getconn()
+                    hold(conn)
+                    if rnd.random() < 0.3:
+                        with conn.cursor() as cur:
+                            cur.execute("SELECT 1")
+                    release(conn)
+                    pool.putconn(conn, close=rnd.random() < 0.05)
+                else:
+                    with pool.conn() as conn:
+                        hold(conn)
+                        release(conn)
+            except PoolTimeout:
+                pass
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(repr(exc))
+
+    def maintenance():
+        rnd = random.Random(99)
+        while not stop.is_set():
+            try:
+                op = rnd.random()
+                if op < 0.3:
+                    stepped.clock.advance(rnd.choice([0.1, 1.0, 7.0]))
+                    stepped.run_due()
+                elif op < 0.5:
+                    pool.reap_idle_connections()
+                elif op < 0.7:
+                    pool.resize(rnd.choice([3, 6, 8]))
+                elif op < 0.8:
+                    pool.clear_idle()
+                else:
+                    pool.stats()
+            except Exception as exc:  # pragma: no cover
+                errors.append(repr(exc))
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    threads.append(threading.Thread(target=maintenance))
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:5]
+    assert not shared
+    pool.resize(6)
+    stepped.run_until_idle()
+    s = pool.stats()
+    assert s["in_use"] == 0 and s["waiting"] == 0 and s["opening"] == 0
+    assert s["size"] == s["idle"] == len(pool._entries) <= 6
+    assert len(set(map(id, pool._idle))) == len(pool._idle)  # no entry queued twice
+    assert wait_until(lambda: pg_server.backend_count(pool.app) == s["size"])
+    for _ in range(s["size"]):
+        pool.getconn(timeout=0)  # every idle one really is there
