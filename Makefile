@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: test demo bench lint setup clean
 
@@ -23,8 +24,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m registry demo $(DEMO_ARGS)
 
+# The benchmark's peers (psycopg2_pool, psycopg_pool, psycopg 3, SQLAlchemy) live in the
+# `bench` extra, installed into the same venv. Options in BENCH_ARGS (--quick, --json FILE...).
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[test,dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pools registry schemas tests examples
+	$(VENV)/bin/ruff check pools registry schemas tests examples bench
 	$(VENV)/bin/mypy
 
 clean:
