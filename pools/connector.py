@@ -216,7 +216,8 @@ class Connector:
         self._base = {k: v for k, v in self.params.items() if k not in _PER_ATTEMPT}
         self._factory_kwargs = {k: v for k, v in extra.items() if v is not None}
         self.clock = clock
-        self.resolver = resolver or HostResolver(dns, clock)
+        self._dns = dns
+        self._resolver = resolver  # built when first needed: IP literals never need one
         self.book = AddressBook(placement=placement, ban_initial=ban_initial, ban_max=ban_max,
                                 rng=rng)
         self._removed: list[str] = []
@@ -225,6 +226,16 @@ class Connector:
             if not t.needs_dns:
                 self.book.sync(t.host, t.port, [t.hostaddr or (t.host if is_ip_literal(t.host)
                                                                 else None)])
+
+    @property
+    def resolver(self) -> HostResolver:
+        if self._resolver is None:
+            self._resolver = HostResolver(self._dns, self.clock)
+        return self._resolver
+
+    @resolver.setter
+    def resolver(self, value: HostResolver) -> None:
+        self._resolver = value
 
     @property
     def host_label(self) -> str:
@@ -263,7 +274,7 @@ class Connector:
     def refresh_due(self) -> float | None:
         """When the resolver next wants to refresh one of this connector's names."""
         names = {t.host.lower() for t in self.targets if t.needs_dns}
-        if not names:
+        if not names or self._resolver is None:
             return None
         dues = [a.refresh_at for n, a in self.resolver.answers().items() if n in names]
         return min(dues) if dues else None
@@ -299,7 +310,8 @@ class Connector:
 
     def after_fork(self) -> None:
         self.book.after_fork()
-        self.resolver.after_fork()
+        if self._resolver is not None:
+            self._resolver.after_fork()
         self._removed = []
 
     def take_removed(self) -> list[str]:

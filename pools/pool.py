@@ -21,6 +21,7 @@ import random
 import threading
 import time
 import weakref
+from _thread import allocate_lock as _allocate_lock
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -66,13 +67,19 @@ class _Waiter:
     """A caller waiting for a connection. Given, under the pool's lock, exactly one of: a
     connection, a permit to open one (a slot already counted in ``size``), or an error."""
 
-    __slots__ = ("cond", "conn", "permit", "error")
+    __slots__ = ("signal", "conn", "permit", "error")
 
-    def __init__(self, lock: threading.Lock) -> None:
-        self.cond = threading.Condition(lock)
+    def __init__(self) -> None:
+        # a bare lock, taken at birth: the giver releases it once to wake this waiter (a
+        # Condition per wait costs several times more, on the path every waiter takes)
+        self.signal = _allocate_lock()
+        self.signal.acquire()
         self.conn: Connection | None = None
         self.permit = False
         self.error: PoolError | None = None
+
+    def wake(self) -> None:
+        self.signal.release()
 
 
 class _Checkout:
@@ -244,6 +251,7 @@ class ConnectionPool:
         self._entries: dict[int, Entry] = {}
         self._size = 0  # open + opening: the number maxconn bounds
         self._opening = 0
+        self._prewarming = 0  # of _opening: connects by the supervisor, for the pool
         self._waiters: deque[_Waiter] = deque()
         self._closed = False
         self._pid = os.getpid()
@@ -368,10 +376,13 @@ class ConnectionPool:
                     e = self._take_or_none()
                     if e is None:  # taken by a lock-free checkout meanwhile
                         continue
-                elif self._size < self._maxconn and not self._waiters:
+                elif self._size < self._maxconn and (
+                        len(self._waiters) >= self._prewarming or not self._may_wait(timeout)):
                     self._size += 1
                     self._opening += 1
                 else:
+                    # at maxconn, behind other waiters, or a prewarm connect is under way
+                    # (take it when it lands rather than race it for the same CPU and server)
                     conn = self._wait_locked(timeout)
                     if conn is not None:
                         return conn
@@ -465,6 +476,9 @@ class ConnectionPool:
                 return
         for e, conn in conns:
             self._close_conn(e, conn, "pool_closed")
+
+    def _may_wait(self, timeout: float | None) -> bool:
+        return (self.timeout if timeout is None else timeout) > 0
 
     def _take_or_none(self) -> Entry | None:
         try:
@@ -614,7 +628,7 @@ class ConnectionPool:
             while self._waiters:
                 w = self._waiters.popleft()
                 w.error = self._closed_error()
-                w.cond.notify()
+                w.wake()
             # in the same locked step (a return racing this sees _closed and closes its own)
             conns = [(e, self._forget_locked(e)) for e in self._drain_idle_locked()]
         self._supervisor.unregister(self._task)
@@ -687,6 +701,8 @@ class ConnectionPool:
         now = self._clock.monotonic()
         names = {t.host.lower() for t in self._connector.targets if t.needs_dns}
         out: dict[str, dict[str, Any]] = {}
+        if not names:
+            return out
         for name, ans in self._connector.resolver.answers().items():
             if name not in names:
                 continue
@@ -735,16 +751,24 @@ class ConnectionPool:
         if self.max_waiting and len(self._waiters) >= self.max_waiting:
             self._n_timeouts += 1
             raise self._timeout_error(0.0, timeout, too_many=True)
-        w = _Waiter(self._lock)
+        w = _Waiter()
         self._waiters.append(w)
+        # a lock-free return may have published just before we queued: serve the queue
+        if self._idle:
+            self._dispatch_locked()
         t0 = time.monotonic()
         deadline = t0 + timeout
+        lock = self._lock
         try:
             while w.conn is None and not w.permit and w.error is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                w.cond.wait(remaining)
+                lock.release()
+                try:
+                    w.signal.acquire(True, remaining)
+                finally:
+                    lock.acquire()
         except BaseException:
             # Interrupted (KeyboardInterrupt, ...): whatever was handed over goes back.
             self._abandon_wait_locked(w)
@@ -787,7 +811,7 @@ class ConnectionPool:
         e.uses += 1
         self._out.add(e)
         w.conn = conn
-        w.cond.notify()
+        w.wake()
 
     def _grant_permits_locked(self) -> None:
         """Free slots go to the oldest waiters, as permits to open a connection."""
@@ -796,7 +820,7 @@ class ConnectionPool:
             self._size += 1
             self._opening += 1
             w.permit = True
-            w.cond.notify()
+            w.wake()
 
     def _release_new_locked(self, e: Entry, conn: Connection) -> None:
         """A connection joins the idle queue (opened by maintenance, or given back by a
@@ -879,6 +903,9 @@ class ConnectionPool:
             self._n_opened += 1
             self._backoff_s = 0.0
             self._backoff_until = 0.0
+            below_min = self._size < self._minconn
+        if below_min:  # prewarm waits while a caller connects: it may go on now
+            self._supervisor.request(self._task)
         logger.debug("pool %s: opened connection pid=%s to %s", self.name, e.backend_pid, e.address)
         return e, conn
 
@@ -889,6 +916,9 @@ class ConnectionPool:
             self._n_connect_errors += 1
             self._last_connect_error = exc
             self._grant_permits_locked()
+            below_min = self._size < self._minconn
+        if below_min:
+            self._supervisor.request(self._task)
 
     def _prepare(self, conn: Connection) -> None:
         if self._autocommit is not None:
@@ -1109,7 +1139,8 @@ class ConnectionPool:
             nxt = now + RECHECK_INTERVAL_S
             if busy:
                 nxt = now  # more to do: again, after whatever else is due
-            if self._size < self._minconn:
+            if self._size < self._minconn and self._opening == 0:
+                # (while a caller connects, its completion asks for the next step)
                 nxt = min(nxt, max(now, self._backoff_until))
             for e in list(self._idle):
                 if e.expires_at < nxt:
@@ -1126,16 +1157,24 @@ class ConnectionPool:
         return nxt
 
     def _maybe_prewarm(self, now: float) -> bool:
-        """Open one connection if the pool is below ``minconn`` and not backing off."""
+        """Open one connection if the pool is below ``minconn`` and not backing off, and no
+        caller is opening one right now (it would only compete with it; the caller's open
+        completing asks for this step again)."""
         with self._lock:
-            need = not self._closed and self._size < self._minconn and now >= self._backoff_until
+            need = (not self._closed and self._size < self._minconn
+                    and now >= self._backoff_until and self._opening == 0)
             if need:
                 self._size += 1
                 self._opening += 1
+                self._prewarming += 1
         if not need:
             return False
         try:
-            e, conn = self._open_entry()
+            try:
+                e, conn = self._open_entry()
+            finally:
+                with self._lock:
+                    self._prewarming -= 1
         except PoolError as exc:
             grown = max(self._backoff_initial, self._backoff_s * 2)
             self._backoff_s = min(self._backoff_max, grown)
