@@ -36,6 +36,8 @@ class Entry:
         "server_role",
         "fresh_until",
         "uses",
+        "checkout_stack",
+        "leak_warned",
     )
 
     def __init__(
@@ -66,6 +68,8 @@ class Entry:
         # validation_bypass); -inf sends every checkout of it through the slow path
         self.fresh_until = created_at
         self.uses = 0  # checkouts (counted by the holder: exact without a lock)
+        self.checkout_stack: str | None = None  # leak detection: where it was checked out
+        self.leak_warned = False
 
     def __repr__(self) -> str:
         state = ("idle", "in use", "returning", "closed")[self.state]

@@ -20,6 +20,7 @@ import os
 import random
 import threading
 import time
+import traceback
 import weakref
 from _thread import allocate_lock as _allocate_lock
 from collections import Counter, deque
@@ -175,6 +176,7 @@ class ConnectionPool:
         rebalance_interval: float = 1.0,
         role: str = "any",
         role_check_interval: float = 5.0,
+        leak_detection_threshold: float | None = None,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(minconn, maxconn)
@@ -219,6 +221,7 @@ class ConnectionPool:
         self._role_aware = role != "any"
         self._return_hooks = reset is not None or self._role_aware
         self.role_check_interval = role_check_interval
+        self._leak_threshold = leak_detection_threshold or None
         self._next_role_check_at = 0.0
         self._n_role_changes = 0
         self._lock = threading.Lock()
@@ -275,6 +278,7 @@ class ConnectionPool:
         self._wait_total_s = 0.0
         self._wait_max_s = 0.0
         self._n_rollbacks = 0
+        self._n_leaks = 0
 
         self._task = self._supervisor.register(self, due=math.inf)
         _live_pools.add(self)
@@ -332,6 +336,16 @@ class ConnectionPool:
     def role(self) -> str:
         return self._role
 
+    @property
+    def leak_detection_threshold(self) -> float | None:
+        return self._leak_threshold
+
+    @leak_detection_threshold.setter
+    def leak_detection_threshold(self, value: float | None) -> None:
+        self._leak_threshold = value or None
+        self._refresh_fresh_until()
+        self._supervisor.request(self._task)
+
     def conn(self, timeout: float | None = None) -> _Checkout:
         """``with pool.conn() as conn:`` check out a connection and give it back on exit."""
         return _Checkout(self, timeout)
@@ -360,6 +374,43 @@ class ConnectionPool:
         return self._getconn_slow(timeout, e)
 
     def _getconn_slow(self, timeout: float | None, popped: Entry | None) -> Connection:
+        conn = self._getconn_slow_body(timeout, popped)
+        if self._leak_threshold:
+            self._note_checkout(conn)
+        return conn
+
+    def _note_checkout(self, conn: Connection) -> None:
+        """Leak detection: remember where this checkout happened (the caller's stack)."""
+        e = self._entries.get(id(conn))
+        if e is not None:
+            e.checkout_stack = "".join(traceback.format_stack(limit=16)[:-3])
+            e.leak_warned = False
+
+    def _check_leaks(self, now: float) -> float:
+        """Warn, once per checkout, about connections held longer than the threshold, with
+        the stack that checked them out. Returns when to look again."""
+        threshold = self._leak_threshold
+        nxt = math.inf
+        if not threshold:
+            return nxt
+        for e in list(self._out):
+            if e.checkout_stack is None or e.leak_warned:
+                continue
+            due = e.checked_out_at + threshold
+            if now >= due:
+                e.leak_warned = True
+                self._n_leaks += 1
+                logger.warning(
+                    "pool %s: connection pid=%s to %s has been checked out for %.1f s "
+                    "(leak_detection_threshold %g s); it was checked out at:\n%s",
+                    self.name, e.backend_pid, e.address, now - e.checked_out_at, threshold,
+                    e.checkout_stack.rstrip(),
+                )
+            else:
+                nxt = min(nxt, due)
+        return nxt
+
+    def _getconn_slow_body(self, timeout: float | None, popped: Entry | None) -> Connection:
         if popped is not None:
             conn = self._checkout_popped(popped)
             if conn is not None:
@@ -456,8 +507,10 @@ class ConnectionPool:
 
     def _fresh_until(self, e: Entry, used_at: float) -> float:
         """Until when ``e`` may be handed out without any check (see Entry.fresh_until)."""
-        if self._role_aware:
-            return -math.inf  # every checkout looks at the server's role (no round trip)
+        if self._role_aware or self._leak_threshold:
+            # every checkout takes the slow path: the server's role is looked at (no round
+            # trip), or the checkout's stack recorded for leak detection
+            return -math.inf
         return min(e.expires_at, used_at + self._ping_after)
 
     def _refresh_fresh_until(self) -> None:
@@ -546,7 +599,7 @@ class ConnectionPool:
         "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting",
         "reuse", "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement",
         "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval",
-        "role_check_interval",
+        "role_check_interval", "leak_detection_threshold",
     })
 
     def retune(self, **settings: Any) -> None:
@@ -674,6 +727,7 @@ class ConnectionPool:
                 "wait_total_s": self._wait_total_s,
                 "wait_max_s": self._wait_max_s,
                 "rollbacks": self._n_rollbacks,
+                "leaks_detected": self._n_leaks,
                 "placement": self._connector.placement,
                 "role": self.role,
                 "role_changes": self._n_role_changes,
@@ -1130,6 +1184,7 @@ class ConnectionPool:
         if self.role != "any" and now >= self._next_role_check_at:
             self._next_role_check_at = now + self.role_check_interval
             self._check_roles()
+        leak_due = self._check_leaks(now)
         opened = self._maybe_prewarm(now)
         busy = opened or self._maybe_rebalance(now)
 
@@ -1152,6 +1207,7 @@ class ConnectionPool:
         due = self._connector.refresh_due()
         if due is not None:
             nxt = min(nxt, max(now, due))
+        nxt = min(nxt, leak_due)
         if self._moves_this_tick:  # a tick's moves ran out: look again when it ends
             nxt = min(nxt, max(now, self._rebalance_tick_end))
         return nxt

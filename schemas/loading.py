@@ -102,6 +102,17 @@ def check_file(
 # -- reading -------------------------------------------------------------------------------
 
 
+def _readable_by_others(source: str) -> str:
+    """A warning's tail when the file at ``source`` can be read by other users."""
+    try:
+        mode = os.stat(source).st_mode
+    except OSError:
+        return ""
+    if mode & 0o044:
+        return f", and the file is readable by other users (mode {mode & 0o777:o}: chmod 600)"
+    return ""
+
+
 def _file_problem(message: str) -> Problem:
     return Problem(path="", pool=None, line=None, column=None, value=None, message=message)
 
@@ -443,11 +454,19 @@ class _Load:
         candidates: list[Path] = [("defaults", "password")]
         pools = prepared.get("pools") or {}
         candidates += [("pools", name, "password") for name in pools]
+        exposed = _readable_by_others(self.source)
         for path in candidates:
             if path in self.positions and path not in self.expanded:
                 line, _ = self.positions[path]
                 logger.warning("%s:%s: %s is a literal password; prefer password_env or "
-                               "password_file", self.source, line, _dotted(path))
+                               "password_file%s", self.source, line, _dotted(path), exposed)
+        for name, pool in pools.items():  # a password inside a DSN is a literal one too
+            dsn = pool.get("dsn") if isinstance(pool, dict) else None
+            path = ("pools", name, "dsn")
+            if isinstance(dsn, str) and path not in self.expanded and redact_dsn(dsn) != dsn:
+                line, _ = self.positions.get(path, (None, None))
+                logger.warning("%s:%s: %s holds a literal password; prefer password_env or "
+                               "password_file%s", self.source, line, _dotted(path), exposed)
 
     # -- pydantic errors -----------------------------------------------------------
 

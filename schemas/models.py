@@ -73,7 +73,7 @@ POOL_KEYWORDS = frozenset({
     "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting", "reuse",
     "validation_bypass", "autocommit", "reconnect_backoff", "reconnect_backoff_max", "placement",
     "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval", "role",
-    "role_check_interval", "fallback",
+    "role_check_interval", "leak_detection_threshold", "fallback",
 })
 
 #: The pool keywords a running pool takes in place; changing anything else (the DSN, a libpq
@@ -83,7 +83,7 @@ LIVE_KEYWORDS = frozenset({
     "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting", "reuse",
     "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement", "address_ban",
     "address_ban_max", "rebalance_fraction", "rebalance_interval", "role_check_interval",
-    "fallback",
+    "leak_detection_threshold", "fallback",
 })
 
 #: libpq connection parameters a pool may set (``password`` is a secret, see below).
@@ -397,6 +397,10 @@ class _PoolFields(ConfigModel):
         default=5.0, gt=0,
         description="Seconds between the supervisor's checks of each address's role "
                     "(writer/reader pools).")
+    leak_detection_threshold: PosFloat | None = Field(
+        default=None,
+        description="Warn (once, with the stack that checked it out) about a connection held "
+                    "longer than this many seconds. Off by default.")
     fallback: PoolName | None = Field(
         default=None, description="Another pool of this file to use when this one cannot serve.")
 

@@ -16,3 +16,8 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
             return True
         time.sleep(interval)
     return bool(predicate())
+
+# A password every pool of the suite carries (the servers trust loopback, so it is never
+# checked): conftest fails the run if it appears in any log line, output or failure text.
+SENTINEL_PASSWORD = "Sentinel-Pa55w0rd-4c1d"
+SENTINEL_ENV = "PGR_TEST_PASSWORD"

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import SENTINEL_PASSWORD
 
 from pools import ConnectionPool, FakeClock, Supervisor
+from registry.testing.cluster import PgServer
 
 _DEFAULT = object()
 
@@ -30,7 +32,10 @@ def make_pool(pg_server: Any, stepped: Supervisor) -> Iterator[Any]:
 
     def make(supervisor: Any = _DEFAULT, **kw: Any) -> ConnectionPool:
         app = f"pgr-test-{uuid.uuid4().hex[:10]}"
-        kw.setdefault("dsn", pg_server.dsn())
+        # local servers trust loopback: the sentinel password rides along unchecked
+        local = isinstance(pg_server, PgServer)
+        kw.setdefault("dsn", pg_server.dsn(password=SENTINEL_PASSWORD) if local
+                      else pg_server.dsn())
         kw.setdefault("application_name", app)
         if supervisor is _DEFAULT:
             kw["supervisor"] = stepped

@@ -982,3 +982,37 @@ def test_chaos_lock_free_paths_against_maintenance(make_pool, pg_server, stepped
     assert wait_until(lambda: pg_server.backend_count(pool.app) == s["size"])
     for _ in range(s["size"]):
         pool.getconn(timeout=0)  # every idle one really is there
+
+
+# -- leak detection ---------------------------------------------------------------------------
+
+
+def test_leak_detection_warns_once_with_the_stack_that_checked_out(make_pool, stepped, caplog):
+    caplog.set_level(logging.WARNING, logger="pools")
+    pool = make_pool(minconn=0, maxconn=2, leak_detection_threshold=30)
+
+    def checkout_site_for_the_test():
+        return pool.getconn()
+
+    held = checkout_site_for_the_test()
+    quick = pool.getconn()
+    pool.putconn(quick)  # returned in time: never reported
+    stepped.clock.advance(29)
+    stepped.run_until_idle()
+    assert "checked out for" not in caplog.text
+    stepped.clock.advance(2)
+    stepped.run_until_idle()
+    assert caplog.text.count("has been checked out for") == 1
+    assert "checkout_site_for_the_test" in caplog.text  # the stack of the checkout
+    stepped.clock.advance(100)
+    stepped.run_until_idle()
+    assert caplog.text.count("has been checked out for") == 1  # once per checkout
+    assert pool.stats()["leaks_detected"] == 1
+    pool.putconn(held)
+
+
+def test_leak_detection_is_off_by_default_and_costs_the_hot_path_nothing(make_pool):
+    pool = make_pool(minconn=0, maxconn=1)
+    pool.putconn(pool.getconn())
+    (e,) = pool._entries.values()
+    assert e.checkout_stack is None and e.fresh_until > e.last_used_at  # the lock-free path

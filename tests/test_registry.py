@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import SENTINEL_ENV, SENTINEL_PASSWORD, wait_until
 
 from pools import PoolError
 from registry import Registry, UnknownPoolError
@@ -49,6 +49,7 @@ class Topology:
               port: {self.cluster.port}
               connect_timeout: 2
               application_name: {self.app}
+              password_env: {SENTINEL_ENV}
             """) + textwrap.indent(textwrap.dedent(defaults), "  ") + "pools:\n" + \
             textwrap.indent(textwrap.dedent(pools), "  ")
         tmp = self.path.with_suffix(".tmp")
@@ -240,7 +241,7 @@ def test_cli_check_prints_every_problem(topo):
     assert "NOPE_NOT_SET" in err and "pools.readers" in err
     assert "minconn" in err
     assert ":16:" in err or "line 16" in err or ":17:" in err  # lines are given
-    assert "Traceback" not in err
+    assert "Traceback" not in err and SENTINEL_PASSWORD not in out.stdout + err
     ok = topo.write(base_pools())
     out = subprocess.run([sys.executable, "-m", "registry", "check", str(ok)],
                          capture_output=True, text=True, cwd=ROOT)
@@ -255,6 +256,7 @@ def test_cli_schema_and_stats(topo):
     out = subprocess.run([sys.executable, "-m", "registry", "stats", str(path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
+    assert SENTINEL_PASSWORD not in out.stdout + out.stderr
     assert "writer" in out.stdout and "readers" in out.stdout
     assert f"127.0.0.11:{topo.cluster.port}" in out.stdout
 

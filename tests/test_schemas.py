@@ -841,3 +841,23 @@ def test_json_schema_shape() -> None:
     text = json.dumps(schema)
     for raw in ('"ge"', '"gt"', '"le"', '"lt"'):
         assert raw not in text  # limits are spelled the JSON Schema way
+
+
+def test_literal_password_in_a_world_readable_file_is_warned(tmp_path, caplog) -> None:
+    import logging as _logging
+    import os as _os
+
+    caplog.set_level(_logging.WARNING, logger="schemas")
+    path = tmp_path / "pools.yaml"
+    path.write_text("version: 1\npools:\n  p:\n    host: db\n    password: " + SENTINEL + "\n"
+                    "  q:\n    dsn: postgresql://u:" + SENTINEL + "@db/app\n")
+    _os.chmod(path, 0o644)
+    load_config(path)
+    assert "pools.p.password is a literal password" in caplog.text
+    assert "pools.q.dsn holds a literal password" in caplog.text
+    assert "readable by other users (mode 644: chmod 600)" in caplog.text
+    assert SENTINEL not in caplog.text
+    caplog.clear()
+    _os.chmod(path, 0o600)
+    load_config(path)
+    assert "literal password" in caplog.text and "readable by other users" not in caplog.text
