@@ -464,9 +464,10 @@ class _Load:
             dsn = pool.get("dsn") if isinstance(pool, dict) else None
             path = ("pools", name, "dsn")
             if isinstance(dsn, str) and path not in self.expanded and redact_dsn(dsn) != dsn:
-                line, _ = self.positions.get(path, (None, None))
+                where = self.positions.get(path)
                 logger.warning("%s:%s: %s holds a literal password; prefer password_env or "
-                               "password_file%s", self.source, line, _dotted(path), exposed)
+                               "password_file%s", self.source, where[0] if where else "?",
+                               _dotted(path), exposed)
 
     # -- pydantic errors -----------------------------------------------------------
 
