@@ -13,6 +13,7 @@ through ``_maintain(now)``; getconn/putconn never wait for it.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
@@ -56,6 +57,7 @@ _TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _TX_INERROR = ext.TRANSACTION_STATUS_INERROR
 
 RECHECK_INTERVAL_S = 60.0  # maintenance looks at every pool at least this often
+WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: a write reached a read-only server
 ROLES = ("any", "writer", "reader")
 _pool_counter = iter(range(1, 1 << 62))
@@ -277,6 +279,7 @@ class ConnectionPool:
         self._n_waits = 0
         self._wait_total_s = 0.0
         self._wait_max_s = 0.0
+        self._wait_counts = [0] * (len(WAIT_BUCKETS_S) + 1)  # per bucket; the last: beyond
         self._n_rollbacks = 0
         self._n_leaks = 0
 
@@ -726,6 +729,7 @@ class ConnectionPool:
                 "waits": self._n_waits,
                 "wait_total_s": self._wait_total_s,
                 "wait_max_s": self._wait_max_s,
+                "wait_histogram": self._wait_histogram_locked(),
                 "rollbacks": self._n_rollbacks,
                 "leaks_detected": self._n_leaks,
                 "placement": self._connector.placement,
@@ -829,6 +833,7 @@ class ConnectionPool:
             raise
         waited = time.monotonic() - t0
         self._n_waits += 1
+        self._wait_counts[bisect.bisect_left(WAIT_BUCKETS_S, waited)] += 1
         self._wait_total_s += waited
         if waited > self._wait_max_s:
             self._wait_max_s = waited
@@ -1478,6 +1483,18 @@ class ConnectionPool:
             )
 
     # -- errors -----------------------------------------------------------------------------
+
+    def _wait_histogram_locked(self) -> dict[float, int]:
+        """Checkout waits as cumulative counts per upper bound in seconds (Prometheus style):
+        checkouts that did not wait count as 0 s."""
+        checkouts = self._retired_uses + sum(e.uses for e in self._entries.values())
+        running = max(0, checkouts - self._n_waits)
+        out: dict[float, int] = {}
+        for bound, n in zip(WAIT_BUCKETS_S, self._wait_counts, strict=False):
+            running += n
+            out[bound] = running
+        out[math.inf] = max(checkouts, running + self._wait_counts[-1])
+        return out
 
     def _in_use_locked(self) -> int:
         return sum(1 for e in self._entries.values() if e.state == IN_USE)

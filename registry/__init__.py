@@ -5,8 +5,16 @@
     with reg.get("readers").conn() as conn: ...
 """
 
+from .metrics import (
+    MetricsServer,
+    metrics_text,
+    pool_metrics,
+    registry_metrics,
+    start_metrics_server,
+)
 from .registry import PoolHandle, Registry, UnknownPoolError
 from .reload import ReloadPlan, ReloadResult, plan_reload
 
 __all__ = ["Registry", "PoolHandle", "UnknownPoolError", "ReloadPlan", "ReloadResult",
-           "plan_reload"]
+           "plan_reload", "metrics_text", "registry_metrics", "pool_metrics", "MetricsServer",
+           "start_metrics_server"]
