@@ -356,6 +356,19 @@ class Registry:
         }
         return out
 
+    def metrics_text(self) -> str:
+        """Every pool's and address's figures in the Prometheus text format."""
+        from .metrics import registry_metrics
+
+        return registry_metrics(self)
+
+    def start_metrics_server(self, port: int = 0, host: str = "127.0.0.1") -> Any:
+        """Serve :meth:`metrics_text` at ``http://host:port/metrics`` on a small thread of its
+        own (started here, on request only); returns the server (``.url``, ``.stop()``)."""
+        from .metrics import start_metrics_server
+
+        return start_metrics_server(self, port=port, host=host)
+
     # -- reloading --------------------------------------------------------------------------
 
     def install_sighup(self) -> None:

@@ -518,3 +518,24 @@ def test_endpoint_404_head_errors_and_quiet_logging(caplog):
 def test_the_parser_is_strict(bad):
     with pytest.raises(AssertionError):
         parse(bad)
+
+
+def test_registry_metrics_text_method(tmp_path, pg_cluster) -> None:
+    from registry import Registry
+
+    path = tmp_path / "pools.yaml"
+    path.write_text(f"version: 1\npools:\n  w:\n    host: {pg_cluster.primary.host}\n"
+                    f"    port: {pg_cluster.port}\n    user: postgres\n    minconn: 0\n")
+    with Registry.from_yaml(path, install_sighup=False) as reg:
+        with reg.get("w").conn():
+            pass
+        text = reg.metrics_text()
+        assert 'pgregistry_pool_checkouts_total{pool="w"} 1' in text
+        server = reg.start_metrics_server()
+        try:
+            import urllib.request
+
+            with urllib.request.urlopen(server.url, timeout=5) as resp:
+                assert b"pgregistry_pool_size" in resp.read()
+        finally:
+            server.stop()
