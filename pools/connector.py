@@ -221,6 +221,7 @@ class Connector:
         self.book = AddressBook(placement=placement, ban_initial=ban_initial, ban_max=ban_max,
                                 rng=rng)
         self._removed: list[str] = []
+        self._unresolved: set[tuple[str, str]] = set()
         self._last_forced = -1e9
         for t in self.targets:  # addresses that need no lookup are known from the start
             if not t.needs_dns:
@@ -258,6 +259,7 @@ class Connector:
         """Bring the address book in line with the resolver's answers (from its cache; a name
         never resolved is queried now). Returns the names that could not be resolved."""
         errors: list[ResolutionError] = []
+        unresolved: set[tuple[str, str]] = set()
         for t in self.targets:
             if not t.needs_dns:
                 continue
@@ -265,10 +267,14 @@ class Connector:
                 ips = self.resolver.addresses(t.host)
             except ResolutionError as exc:
                 errors.append(exc)
+                unresolved.add((t.host, t.port))
                 continue
             _, removed = self.book.sync(t.host, t.port, ips)
             if removed:
                 self._removed.extend(removed)
+        # A name whose answer cannot be served (failed, past its grace) gets no new
+        # connections: its open ones stay (DNS trouble is not database trouble).
+        self._unresolved = unresolved
         return errors
 
     def refresh_due(self) -> float | None:
@@ -329,6 +335,8 @@ class Connector:
         ``deadline`` (``time.monotonic()`` seconds). Raises :class:`ConnectFailed`."""
         resolution = self.sync()
         order = self.book.order(self.clock.monotonic(), prefer)
+        if self._unresolved:
+            order = [a for a in order if (a.host, a.port) not in self._unresolved]
         attempts: list[tuple[str, str, str]] = []
         last: BaseException | None = resolution[-1] if resolution else None
         two_pass = self.target_session_attrs == "prefer-standby"

@@ -117,6 +117,9 @@ class Answer:
     queries: int = 0
     stale_served: int = 0
     refresh_failures: int = 0
+    # past the grace with refreshes still failing: no addresses to serve, this error instead
+    # (kept, so stats still show the name and connects fail fast until the next retry)
+    error: ResolutionError | None = None
 
 
 def is_ip_literal(host: str) -> bool:
@@ -183,9 +186,12 @@ class HostResolver:
         now = self.clock.monotonic()
         ans = self.cached(name)
         if ans is not None:
-            if now < ans.expires_at:
+            if ans.error is not None:
+                if now < ans.refresh_at:
+                    raise ans.error  # gone past its grace; not asked again before the retry
+            elif now < ans.expires_at:
                 return ans.addresses
-            if ans.stale and now < ans.expires_at + self.settings.stale_grace:
+            elif ans.stale and now < ans.expires_at + self.settings.stale_grace:
                 return ans.addresses  # refreshing fails; the supervisor keeps trying
         return self.refresh(name).addresses
 
@@ -245,13 +251,23 @@ class HostResolver:
         grace = self.settings.stale_grace
         with self._lock:
             old = self._cache.get(key)
-            if old is None or now >= old.expires_at + grace:
-                if old is not None:
-                    del self._cache[key]
+            if old is None:
+                raise exc
+            if now >= old.expires_at + grace:
+                if old.error is None:
                     logger.warning(
-                        "dns: %s: the last answer expired %.0f s ago and refreshing fails: %s",
+                        "dns: %s: the last answer expired %.0f s ago and refreshing fails (%s):"
+                        " no more new connections to it until DNS answers",
                         key, now - old.expires_at, exc.answer,
                     )
+                old.addresses = ()
+                old.error = exc
+                old.failures += 1
+                old.refresh_failures += 1
+                old.queries += 1
+                old.stale = True
+                old.last_error = exc.answer
+                old.refresh_at = now + min(30.0, 2.0 ** min(old.failures - 1, 5))
                 raise exc
             old.failures += 1
             old.refresh_failures += 1

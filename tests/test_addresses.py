@@ -341,7 +341,16 @@ def test_stale_if_error(dns_server, stepped, mode, caplog):
         r.refresh("flaky.db.test")
     said = {"servfail": "SERVFAIL", "silent": "no answer within", "nxdomain": "NXDOMAIN"}[mode]
     assert said in str(info.value) and f"127.0.0.1:{dns_server.port}" in str(info.value)
+    # past the grace: connects fail fast with that error, DNS is not asked again before the
+    # retry (no connect pays a DNS timeout), and the name stays visible
+    dns_server.clear_queries()
+    with pytest.raises(ResolutionError, match=said):
+        r.addresses("flaky.db.test")
+    assert dns_server.queries == []
+    assert r.cached("flaky.db.test").addresses == ()
     dns_server.set_mode("normal")
+    assert r.due_names(clock.monotonic() + 31) == ["flaky.db.test"]  # the supervisor's retry
+    clock.advance(31)
     assert r.addresses("flaky.db.test") == ("127.0.0.12",)
 
 

@@ -611,13 +611,6 @@ def test_dns_silent_cached_answer_serves_through_stale_grace(
     assert_no_leak([r1, r2], {app: [pool]})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: past stale_grace a silent DNS should make new connects fail with a clear error "
-    "naming the name and the nameserver (README: the last good answer keeps serving for "
-    "stale_grace seconds past its expiry). Instead the resolver drops the answer but the "
-    "pool's AddressBook keeps its addresses, and Connector.connect goes on to them despite "
-    "the ResolutionError: a connect succeeds with no error, each one paying a DNS timeout, "
-    "and stats()['dns'] no longer shows the name at all"))
 def test_dns_silent_past_stale_grace_new_connects_fail_clearly(
         pg_cluster, dns_server, stepped, closer):
     r1, r2 = pg_cluster.replicas
