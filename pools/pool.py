@@ -257,6 +257,7 @@ class ConnectionPool:
         self._size = 0  # open + opening: the number maxconn bounds
         self._opening = 0
         self._prewarming = 0  # of _opening: connects by the supervisor, for the pool
+        self._sync_prewarm = False  # the constructor is opening minconn itself
         self._waiters: deque[_Waiter] = deque()
         self._closed = False
         self._pid = os.getpid()
@@ -1011,7 +1012,15 @@ class ConnectionPool:
         return conn
 
     def _prewarm_now(self) -> None:
-        """Open ``minconn`` connections in this thread (``background_prewarm=False``)."""
+        """Open ``minconn`` connections in this thread (``background_prewarm=False``); the
+        supervisor keeps out of it (its prewarm step skips while this runs)."""
+        self._sync_prewarm = True
+        try:
+            self._prewarm_sync_loop()
+        finally:
+            self._sync_prewarm = False
+
+    def _prewarm_sync_loop(self) -> None:
         for _ in range(self._minconn):
             with self._lock:
                 if self._size >= self._minconn:
@@ -1223,7 +1232,8 @@ class ConnectionPool:
         completing asks for this step again)."""
         with self._lock:
             need = (not self._closed and self._size < self._minconn
-                    and now >= self._backoff_until and self._opening == 0)
+                    and now >= self._backoff_until and self._opening == 0
+                    and not self._sync_prewarm)
             if need:
                 self._size += 1
                 self._opening += 1

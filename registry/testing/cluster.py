@@ -472,12 +472,70 @@ def _stop_all(servers: Iterable[PgServer], mode: str = "fast") -> None:
         server.stop(mode)
 
 
+def spawn_logged(cmd: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """Start ``cmd`` (as postgres when root) from the long-lived spawner thread, its output
+    appended to ``log_path``, in a session of its own (a Ctrl-C of the test runner must not
+    reach it; the parent-death signal stops it). Returns the process and the open log file."""
+    log_file = log_path.open("ab")
+    proc = _spawner.run(
+        lambda: subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **_pg_popen_kwargs(),
+        )
+    )
+    return proc, log_file
+
+
 # --------------------------------------------------------------------------------------------
 # One server
 # --------------------------------------------------------------------------------------------
 
 
-class PgServer:
+class SqlClientMixin:
+    """``connect``, ``execute`` and ``backend_count`` for any server class with a ``dsn()``
+    (a local PgServer, a container, ...)."""
+
+    def dsn(self, **extra: Any) -> str:  # pragma: no cover - provided by the class
+        raise NotImplementedError
+
+    def connect(self, **kw: Any) -> psycopg2.extensions.connection:
+        """A new autocommit connection (pass ``autocommit=False`` for a transactional one)."""
+        autocommit = bool(kw.pop("autocommit", True))
+        kw.setdefault("connect_timeout", 5)
+        conn: psycopg2.extensions.connection = psycopg2.connect(self.dsn(), **kw)
+        conn.autocommit = autocommit
+        return conn
+
+    def execute(self, sql: str, params: Params = None) -> Rows | None:
+        """Run one statement on a fresh autocommit connection: its rows, or None."""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return list(cur.fetchall()) if cur.description is not None else None
+        finally:
+            conn.close()
+
+    def backend_count(self, application_name: str | None = None) -> int:
+        """Client backends in pg_stat_activity, not counting the session that asks."""
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        params: tuple[Any, ...] = ()
+        if application_name is not None:
+            sql += " AND application_name = %s"
+            params = (application_name,)
+        rows = self.execute(sql, params)
+        assert rows is not None
+        return int(rows[0][0])
+
+
+class PgServer(SqlClientMixin):
     """One local ``postgres`` process on ``host:port`` with its data in ``datadir``."""
 
     def __init__(
@@ -561,18 +619,7 @@ class PgServer:
             self._close_log()
             self._frozen.clear()
             cmd = self._command()
-            log_file = self.log_path.open("ab")
-            self._log_file = log_file
-            self._proc = _spawner.run(
-                lambda: subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # a Ctrl-C of the runner must not reach backends
-                    **_pg_popen_kwargs(),
-                )
-            )
+            self._proc, self._log_file = spawn_logged(cmd, self.log_path)
             with _live_lock:
                 _live_servers.add(self)
             log.debug("started %s pid %s", self.name, self._proc.pid)
@@ -771,37 +818,6 @@ class PgServer:
         params.update(extra)
         return str(psycopg2.extensions.make_dsn(**{k: str(v) for k, v in params.items()}))
 
-    def connect(self, **kw: Any) -> psycopg2.extensions.connection:
-        """A new autocommit connection (pass ``autocommit=False`` for a transactional one)."""
-        autocommit = bool(kw.pop("autocommit", True))
-        kw.setdefault("connect_timeout", 5)
-        conn: psycopg2.extensions.connection = psycopg2.connect(self.dsn(), **kw)
-        conn.autocommit = autocommit
-        return conn
-
-    def execute(self, sql: str, params: Params = None) -> Rows | None:
-        """Run one statement on a fresh autocommit connection: its rows, or None."""
-        conn = self.connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return list(cur.fetchall()) if cur.description is not None else None
-        finally:
-            conn.close()
-
-    def backend_count(self, application_name: str | None = None) -> int:
-        """Client backends in pg_stat_activity, not counting the session that asks."""
-        sql = (
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-        )
-        params: tuple[Any, ...] = ()
-        if application_name is not None:
-            sql += " AND application_name = %s"
-            params = (application_name,)
-        rows = self.execute(sql, params)
-        assert rows is not None
-        return int(rows[0][0])
 
 
 # --------------------------------------------------------------------------------------------

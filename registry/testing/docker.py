@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import psycopg2
 import psycopg2.extensions
 
-from .cluster import Params, Rows
+from .cluster import SqlClientMixin
 
 __all__ = ["BACKEND_ENV", "ContainerServer", "docker_available"]
 
@@ -76,7 +76,7 @@ def docker_available() -> bool:
     return True  # ssh://, npipe://...: cannot be probed cheaply
 
 
-class ContainerServer:
+class ContainerServer(SqlClientMixin):
     """PostgreSQL in a container (testcontainers), with the surface tests use from PgServer."""
 
     user = "postgres"
@@ -155,32 +155,3 @@ class ContainerServer:
         }
         params.update(extra)
         return str(psycopg2.extensions.make_dsn(**{k: str(v) for k, v in params.items()}))
-
-    def connect(self, **kw: Any) -> psycopg2.extensions.connection:
-        autocommit = bool(kw.pop("autocommit", True))
-        kw.setdefault("connect_timeout", 5)
-        conn: psycopg2.extensions.connection = psycopg2.connect(self.dsn(), **kw)
-        conn.autocommit = autocommit
-        return conn
-
-    def execute(self, sql: str, params: Params = None) -> Rows | None:
-        conn = self.connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return list(cur.fetchall()) if cur.description is not None else None
-        finally:
-            conn.close()
-
-    def backend_count(self, application_name: str | None = None) -> int:
-        sql = (
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-        )
-        params: tuple[Any, ...] = ()
-        if application_name is not None:
-            sql += " AND application_name = %s"
-            params = (application_name,)
-        rows = self.execute(sql, params)
-        assert rows is not None
-        return int(rows[0][0])

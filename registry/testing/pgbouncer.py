@@ -43,10 +43,9 @@ from .cluster import (
     Rows,
     ServerStartError,
     _make_dir,
-    _pg_popen_kwargs,
-    _spawner,
     base_dir,
     free_port,
+    spawn_logged,
 )
 
 __all__ = ["PgBouncer", "find_pgbouncer"]
@@ -372,18 +371,7 @@ class PgBouncer:
         assert self.log_path is not None
         cmd = self._command(binary)
         self._close_log()
-        log_file = self.log_path.open("ab")
-        self._log_file = log_file
-        self._proc = _spawner.run(
-            lambda: subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C of the runner must not reach it
-                **_pg_popen_kwargs(),
-            )
-        )
+        self._proc, self._log_file = spawn_logged(cmd, self.log_path)
         with _live_lock:
             _live.add(self)
         log.debug("started pgbouncer pid %s: %s", self._proc.pid, " ".join(cmd))
