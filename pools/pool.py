@@ -503,6 +503,8 @@ class ConnectionPool:
         e.last_used_at = now
         fresh = now + self._ping_after
         e.fresh_until = fresh if fresh < e.expires_at else e.expires_at
+        if e.doom_reason is not None:  # doomed while returning: never fresh (see _doom)
+            e.fresh_until = -math.inf
         e.conn = conn
         e.state = IDLE
         self._idle.append(e)

@@ -149,8 +149,9 @@ def test_writer_failover_under_16_threads(aurora, caplog):
     late = [(t, a) for t, a in checkouts if t > first_25006 and a == old_addr]
     assert late == [], f"{len(late)} checkouts to the demoted writer after the first 25006"
     assert recovered - t_flip <= TTL + 1.0, f"writes resumed {recovered - t_flip:.2f} s after DNS"
-    assert sum(1 for t in writes_ok if t > recovered) > 10
-    assert read_errors == [] and reads[0] > 100
+    assert sum(1 for t in writes_ok if t > recovered) > 10, "writes did not keep going"
+    assert read_errors == [], read_errors[:5]
+    assert reads[0] > 100
     s = reg.stats()["writer"]
     assert s["role_changes"] >= 1 and s["closed_by_reason"].get("demoted_writer", 0) >= 1
     assert "is no longer the writer" in caplog.text
