@@ -1,14 +1,25 @@
 """ConnectionPool: a thread-safe pool of psycopg2 connections.
 
-All mutable state sits behind one lock, ``_lock``, held for bookkeeping only: connections are
-opened, pinged, rolled back and closed outside it. A caller that finds nothing idle opens a
-connection itself while the pool is below ``maxconn``; at ``maxconn`` it waits in a fair FIFO
-queue, and a returned connection (or a freed slot) goes straight to the oldest waiter. Each
-waiter has its own condition on the pool's lock, so a handoff and a timeout can never both
-happen: a waiter that timed out either got its connection first or leaves the queue empty-handed.
+The hot path takes no lock. An idle connection is checked out with an atomic ``popleft`` (or
+``pop``, LIFO) of the idle deque and given back with an atomic ``append``; an entry popped is
+its taker's alone. Ownership is membership of the checked-out set, and the atomic removal from
+it on return makes a second return of the same connection fail, even a concurrent one. A
+connection used in the last ``validation_bypass`` seconds and not expired is handed out after a
+single comparison (``Entry.fresh_until``).
 
-Maintenance (prewarm, idle reaping, lifetime expiry) runs on the process's one supervisor thread
-through ``_maintain(now)``; getconn/putconn never wait for it.
+Everything else sits behind one lock, ``_lock``, held for bookkeeping only (connections are
+opened, pinged, rolled back and closed outside it): waiting, opening, and maintenance, which
+drains and refills the idle deque rather than walking it. A caller that finds nothing idle opens
+a connection itself while the pool is below ``maxconn`` (or takes a prewarm connection already
+under way); at ``maxconn`` it waits in a fair FIFO queue, and a returned connection (or a freed
+slot) goes to the oldest waiter. A return made without the lock looks for waiters after it
+published, and a waiter looks at the idle deque after it queued: one of the two always sees the
+other. Each waiter has its own signal; handoffs happen under the lock, so a waiter that timed out
+either got its connection first or leaves the queue empty-handed.
+
+Maintenance (prewarm, idle reaping, lifetime expiry, DNS refresh, rebalancing, role checks)
+runs on the process's one supervisor thread through ``_maintain(now)``; getconn/putconn never
+wait for it.
 """
 
 from __future__ import annotations
