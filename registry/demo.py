@@ -98,8 +98,10 @@ class Output:
         with self._lock:
             if self._closed:
                 return
+            stream = self._stream or sys.stdout
             try:
-                print(text, file=self._stream or sys.stdout, flush=True)
+                stream.write(text + "\n")  # the demo's output is the program's, not a log
+                stream.flush()
             except BrokenPipeError:  # `... | head`: keep running (and cleaning up) silently
                 self._closed = True
                 with contextlib.suppress(OSError):
@@ -112,7 +114,8 @@ class Output:
 
     def error(self, text: str) -> None:
         with self._lock:
-            print(text, file=sys.stderr, flush=True)
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -21,3 +22,14 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
 # checked): conftest fails the run if it appears in any log line, output or failure text.
 SENTINEL_PASSWORD = "Sentinel-Pa55w0rd-4c1d"
 SENTINEL_ENV = "PGR_TEST_PASSWORD"
+
+
+def run_load_for(seconds: float) -> None:
+    """Let a threaded workload run for ``seconds`` of real time (a load phase, not a timing
+    behaviour: those run on the fake clock)."""
+    threading.Event().wait(seconds)
+
+
+def hold(seconds: float) -> None:
+    """Keep a checked-out connection busy for a moment, as real work would (stress tests)."""
+    threading.Event().wait(seconds)

@@ -13,7 +13,7 @@ import time
 import psycopg2
 import pytest
 import yaml
-from helpers import wait_until
+from helpers import run_load_for, wait_until
 
 from pools import ConnectError
 from registry import Registry
@@ -125,20 +125,20 @@ def test_writer_failover_under_16_threads(aurora, caplog):
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)
+        run_load_for(0.5)
         # Aurora demotes the writer: it refuses writes, its DNS answer lingers for a TTL
         t_demote = time.monotonic()
         old.execute("ALTER SYSTEM SET default_transaction_read_only = on")
         old.execute("SELECT pg_reload_conf()")
         assert wait_until(lambda: bool(read_only_at), 5), "no write ever hit the read-only writer"
-        time.sleep(0.3)
+        run_load_for(0.3)
         new = cluster.failover()  # stop the old writer, promote a replica, re-point the other
         t_flip = time.monotonic()
         dns.set_a("writer.aurora.test", [new.host], ttl=TTL)
         dns.set_a("readers.aurora.test", [r.host for r in cluster.replicas], ttl=TTL)
         assert wait_until(lambda: any(t > t_flip for t in writes_ok), TTL + 2)
         recovered = min(t for t in writes_ok if t > t_flip)
-        time.sleep(1.0)  # and it keeps working
+        run_load_for(1.0)  # and it keeps working
     finally:
         stop.set()
         for t in threads:

@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from helpers import run_load_for, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_ROW = re.compile(r"^\s*(?:\d+\.\ds\s+\S+)?\s+(writer|readers)\s+(\d+)/(\d+)\s+(\d+)\s+(\d+)"
@@ -47,10 +47,7 @@ def assert_nothing_left(out: str) -> None:
     assert data and config, out
     base = Path(data.group(1)).parent  # /dev/shm/pgregistry-<pid>-<random>
     assert base.name.startswith("pgregistry-"), base
-    deadline = time.monotonic() + 5
-    while processes_mentioning(str(base)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert processes_mentioning(str(base)) == []
+    assert wait_until(lambda: processes_mentioning(str(base)) == [], 5)
     assert not Path(data.group(1)).exists() and not base.exists()
     assert not Path(config.group(1)).parent.exists()
 
@@ -122,7 +119,7 @@ def test_demo_ctrl_c_prints_the_summary_and_cleans_up() -> None:
             head.append(line)
             if TABLE_ROW.match(line):
                 break
-        time.sleep(1.0)
+        run_load_for(1.0)  # a moment of workload, then Ctrl-C
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=60)
     finally:

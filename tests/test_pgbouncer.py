@@ -29,6 +29,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions as ext
 import pytest
+from helpers import wait_until
 
 from pools import ConnectionPool, PoolError, PoolTimeout
 from registry.testing import pgbouncer as pgbouncer_mod
@@ -46,13 +47,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = "pgr_bouncer_scratch"
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return bool(predicate())
 
 
 def one(conn: ext.connection, sql: str, params: Any = None) -> Any:

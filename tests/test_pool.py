@@ -14,7 +14,7 @@ import time
 import psycopg2
 import psycopg2.extensions as ext
 import pytest
-from helpers import wait_until
+from helpers import hold, run_load_for, wait_until
 
 from pools import (
     BadConnectionError,
@@ -242,7 +242,7 @@ def test_timed_out_waiters_never_swallow_connections(make_pool, pg_server):
             except Exception as exc:  # pragma: no cover
                 errors.append(exc)
                 return
-            time.sleep(rnd.random() * 0.002)
+            hold(rnd.random() * 0.002)
             pool.putconn(conn)
 
     threads = [threading.Thread(target=churn) for _ in range(12)]
@@ -307,7 +307,7 @@ def test_stress_64_threads_never_exceed_maxconn_nor_share_a_connection(make_pool
                     cur.execute("SELECT pg_backend_pid()")
                     assert cur.fetchone()[0] == pid(conn)
                 if rnd.random() < 0.3:
-                    time.sleep(rnd.random() * 0.001)
+                    hold(rnd.random() * 0.001)
                 close = rnd.random() < 0.02
                 with lock:
                     del holders[id(conn)]
@@ -352,7 +352,7 @@ def test_fairness_32_threads_on_a_pool_of_8(make_pool):
     for t in threads:
         t.start()
     start.wait()
-    time.sleep(1.5)
+    run_load_for(1.5)
     stop.set()
     for t in threads:
         t.join(30)
@@ -911,13 +911,13 @@ def test_chaos_lock_free_paths_against_maintenance(make_pool, pg_server, stepped
     shared, errors = [], []
     stop = threading.Event()
 
-    def hold(conn):
+    def mark_held(conn):
         with lock:
             if id(conn) in holders:
                 shared.append(id(conn))
             holders[id(conn)] = threading.get_ident()
 
-    def release(conn):
+    def mark_released(conn):
         with lock:
             holders.pop(id(conn), None)
 
@@ -928,16 +928,16 @@ def test_chaos_lock_free_paths_against_maintenance(make_pool, pg_server, stepped
                 op = rnd.random()
                 if op < 0.5:
                     conn = pool.getconn()
-                    hold(conn)
+                    mark_held(conn)
                     if rnd.random() < 0.3:
                         with conn.cursor() as cur:
                             cur.execute("SELECT 1")
-                    release(conn)
+                    mark_released(conn)
                     pool.putconn(conn, close=rnd.random() < 0.05)
                 else:
                     with pool.conn() as conn:
-                        hold(conn)
-                        release(conn)
+                        mark_held(conn)
+                        mark_released(conn)
             except PoolTimeout:
                 pass
             except Exception as exc:  # pragma: no cover - reported below
@@ -961,13 +961,13 @@ def test_chaos_lock_free_paths_against_maintenance(make_pool, pg_server, stepped
                     pool.stats()
             except Exception as exc:  # pragma: no cover
                 errors.append(repr(exc))
-            time.sleep(0.001)
+            hold(0.001)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
     threads.append(threading.Thread(target=maintenance))
     for t in threads:
         t.start()
-    time.sleep(2.0)
+    run_load_for(2.0)
     stop.set()
     for t in threads:
         t.join(30)
