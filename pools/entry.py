@@ -38,6 +38,7 @@ class Entry:
         "uses",
         "checkout_stack",
         "leak_warned",
+        "needs_ping",
     )
 
     def __init__(
@@ -70,6 +71,7 @@ class Entry:
         self.uses = 0  # checkouts (counted by the holder: exact without a lock)
         self.checkout_stack: str | None = None  # leak detection: where it was checked out
         self.leak_warned = False
+        self.needs_ping = False  # ping on the next checkout (the supervisor's role check)
 
     def __repr__(self) -> str:
         state = ("idle", "in use", "returning", "closed")[self.state]

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import socket
 import threading
 import time
 import traceback
@@ -94,6 +95,38 @@ class _Waiter:
 
     def wake(self) -> None:
         self.signal.release()
+
+
+class _PingGuard:
+    """A ping's deadline, kept by the supervisor: at the deadline, if the ping still runs, its
+    socket is shut down (the blocked read returns at once with an error). The lock makes the
+    shutdown and the ping's end exclusive, so a descriptor number reused after the ping never
+    gets shut down."""
+
+    __slots__ = ("fd", "lock", "done", "expired")
+
+    def __init__(self, conn: Connection) -> None:
+        self.fd = conn.fileno()
+        self.lock = _allocate_lock()
+        self.done = False
+        self.expired = False
+
+    def expire(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.expired = True
+            try:
+                sock = socket.socket(fileno=os.dup(self.fd))
+            except OSError:
+                return
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def finish(self) -> None:
+        with self.lock:
+            self.done = True
 
 
 class _Checkout:
@@ -190,6 +223,7 @@ class ConnectionPool:
         role: str = "any",
         role_check_interval: float = 5.0,
         leak_detection_threshold: float | None = None,
+        ping_timeout: float = 5.0,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(minconn, maxconn)
@@ -235,6 +269,7 @@ class ConnectionPool:
         self._return_hooks = reset is not None or self._role_aware
         self.role_check_interval = role_check_interval
         self._leak_threshold = leak_detection_threshold or None
+        self.ping_timeout = ping_timeout
         self._next_role_check_at = 0.0
         self._n_role_changes = 0
         self._lock = threading.Lock()
@@ -427,7 +462,7 @@ class ConnectionPool:
 
     def _getconn_slow_body(self, timeout: float | None, popped: Entry | None) -> Connection:
         if popped is not None:
-            conn = self._checkout_popped(popped)
+            conn = self._checkout_popped(popped, timeout)
             if conn is not None:
                 return conn
         while True:
@@ -456,11 +491,11 @@ class ConnectionPool:
             if e is None:
                 budget = self.timeout if timeout is None else timeout
                 return self._open_checked_out(time.monotonic() + budget if budget > 0 else None)
-            conn = self._checkout_popped(e)
+            conn = self._checkout_popped(e, timeout)
             if conn is not None:
                 return conn
 
-    def _checkout_popped(self, e: Entry) -> Connection | None:
+    def _checkout_popped(self, e: Entry, timeout: float | None = None) -> Connection | None:
         """An entry taken from the idle queue: closed if expired, else checked out, pinged if
         it has not been used for a while, role-checked on writer/reader pools. Returns the
         connection, or None if it was not fit to hand out."""
@@ -477,9 +512,12 @@ class ConnectionPool:
         e.checked_out_at = now
         e.uses += 1
         self._out.add(e)
-        if now - e.last_used_at >= self._ping_after and not self._ping(conn):
-            self._discard(e, conn, "validation")
-            return None
+        if e.needs_ping or now - e.last_used_at >= self._ping_after:
+            e.needs_ping = False
+            budget = self.timeout if timeout is None else timeout
+            if not self._ping(conn, e, budget if budget > 0 else None):
+                self._discard(e, conn, "validation")
+                return None
         if self._role_aware and self._role_changed(e, conn):
             self._discard(e, conn, e.doom_reason or "role_change")
             return None
@@ -616,7 +654,7 @@ class ConnectionPool:
         "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting",
         "reuse", "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement",
         "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval",
-        "role_check_interval", "leak_detection_threshold",
+        "role_check_interval", "leak_detection_threshold", "ping_timeout",
     })
 
     def retune(self, **settings: Any) -> None:
@@ -1083,7 +1121,32 @@ class ConnectionPool:
             return "reset_failed"
         return None
 
-    def _ping(self, conn: Connection) -> bool:
+    def _ping(self, conn: Connection, e: Entry | None = None,
+              budget_s: float | None = None) -> bool:
+        """``SELECT 1`` on ``conn``, bounded: nothing in libpq bounds a query on a frozen server
+        (its kernel still acknowledges), so a watchdog on the supervisor shuts the socket down
+        after ``ping_timeout`` (or the caller's remaining budget, if less). An address whose
+        ping timed out is banned, like one whose connect did."""
+        limit = self.ping_timeout if budget_s is None else min(self.ping_timeout, budget_s)
+        guard = _PingGuard(conn) if limit and limit != math.inf else None
+        task = None
+        if guard is not None:
+            task = self._supervisor.watch(self._clock.monotonic() + limit, guard.expire)
+        try:
+            ok = self._ping_unguarded(conn)
+        finally:
+            if guard is not None:
+                guard.finish()
+                self._supervisor.unregister(task)  # type: ignore[arg-type]
+        if guard is not None and guard.expired:
+            if e is not None:
+                self._connector.book.mark(e.address, self._clock.monotonic(), "timeout")
+            logger.warning("pool %s: ping of %s timed out after %.1f s: the server does not "
+                           "answer (frozen?); address banned", self.name,
+                           e.address if e else "a connection", limit)
+        return ok
+
+    def _ping_unguarded(self, conn: Connection) -> bool:
         try:
             if conn.closed:
                 return False
@@ -1331,31 +1394,11 @@ class ConnectionPool:
         self._supervisor.request(self._task)
 
     def _check_roles(self) -> None:
-        """The supervisor's role check: one idle connection per address runs a trivial query
-        (which brings the server's current role) and is compared."""
-        with self._lock:
-            seen: set[str] = set()
-            picked: list[Entry] = []
-            for e in list(self._idle):
-                if e.address not in seen:
-                    seen.add(e.address)
-                    try:
-                        self._idle.remove(e)  # reserve it (unless a checkout just took it)
-                    except ValueError:
-                        continue
-                    e.state = RETURNING
-                    picked.append(e)
-        for e in picked:
-            conn = e.conn
-            assert conn is not None
-            ok = self._ping(conn) and not self._role_changed(e, conn)
-            with self._lock:
-                if ok and not self._closed and e.doom_reason is None:
-                    self._release_new_locked(e, conn)
-                    continue
-                reason = e.doom_reason or ("validation" if not ok else "role_change")
-                conn = self._forget_locked(e)
-            self._close_conn(e, conn, reason)
+        """The supervisor's role check: every idle connection is pinged on its next checkout
+        (in the caller's thread, bounded by the ping watchdog), which brings the server's
+        current role. The supervisor itself never waits on a server here."""
+        for e in list(self._idle):
+            e.needs_ping = True
 
     def unreachable(self) -> bool:
         """Nothing to serve with and nowhere to try: no open connection, and every address

@@ -68,6 +68,19 @@ class Supervisor:
         self._maybe_start()
         return task
 
+    def watch(self, deadline: float, fn: Callable[[], None]) -> Task:
+        """Call ``fn`` at ``deadline`` (on the supervisor's clock) unless the task is cancelled
+        first: the watchdog of pings. Wakes the thread so it sees the new deadline."""
+
+        def run(now: float) -> float | None:
+            fn()
+            return None
+
+        task = self.scheduler.add(Task("watchdog", run), deadline)
+        self.scheduler.request(None)
+        self._maybe_start()
+        return task
+
     def unregister(self, task: Task) -> None:
         self.scheduler.cancel(task)
 

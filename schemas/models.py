@@ -73,7 +73,7 @@ POOL_KEYWORDS = frozenset({
     "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting", "reuse",
     "validation_bypass", "autocommit", "reconnect_backoff", "reconnect_backoff_max", "placement",
     "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval", "role",
-    "role_check_interval", "leak_detection_threshold", "fallback",
+    "role_check_interval", "leak_detection_threshold", "ping_timeout", "fallback",
 })
 
 #: The pool keywords a running pool takes in place; changing anything else (the DSN, a libpq
@@ -83,7 +83,7 @@ LIVE_KEYWORDS = frozenset({
     "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting", "reuse",
     "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement", "address_ban",
     "address_ban_max", "rebalance_fraction", "rebalance_interval", "role_check_interval",
-    "leak_detection_threshold", "fallback",
+    "leak_detection_threshold", "ping_timeout", "fallback",
 })
 
 #: libpq connection parameters a pool may set (``password`` is a secret, see below).
@@ -397,6 +397,11 @@ class _PoolFields(ConfigModel):
         default=5.0, gt=0,
         description="Seconds between the supervisor's checks of each address's role "
                     "(writer/reader pools).")
+    ping_timeout: PosFloat = Field(
+        default=5.0,
+        description="Seconds a test-on-borrow ping may take (or the checkout's timeout, if "
+                    "less) before its socket is shut down and the address banned: nothing in "
+                    "libpq bounds a query on a frozen server.")
     leak_detection_threshold: PosFloat | None = Field(
         default=None,
         description="Warn (once, with the stack that checked it out) about a connection held "

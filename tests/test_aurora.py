@@ -256,7 +256,14 @@ def test_a_promoted_replica_is_retired_like_a_dns_change(aurora):
     before = {e.backend_pid for e in pool._entries.values() if e.address.startswith(r1.host)}
     assert before
     r1.promote()  # it changes role under the pool's feet
-    assert wait_until(lambda: pool.stats()["closed_by_reason"].get("role_change", 0) >= len(before))
+
+    def use() -> bool:  # the supervisor flags idle connections; their next checkout pings
+        for _ in range(4):
+            with reg.get("readers").conn() as conn, conn.cursor() as cur:
+                cur.execute("SELECT 1")
+        return pool.stats()["closed_by_reason"].get("role_change", 0) >= len(before)
+
+    assert wait_until(use)
     after = {e.backend_pid for e in pool._entries.values()}
     assert not (before & after)  # every connection opened before the promotion is gone
     assert pool.stats()["role_changes"] >= 1

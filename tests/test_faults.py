@@ -5,7 +5,7 @@ anywhere: the pools must cope on their own.
 Each test proves a figure and prints it on one line starting with ``FAULT:`` (collect them with
 ``pytest tests/test_faults.py -s | grep FAULT:``), and ends by checking that the servers hold
 exactly the backends the pools say they hold (:func:`assert_no_leak`). Library bugs the faults
-expose are strict xfail tests stating the expected behaviour; their reasons say what goes wrong.
+expose were fixed; each test states the expected behaviour.
 
 Destructive tests (restart, freeze) take ``fresh_cluster``; the others use the session cluster
 with an application_name of their own. Tests on real time get a supervisor of their own, so a
@@ -446,12 +446,6 @@ def test_frozen_reader_mid_query(fresh_cluster, dns_server, supervisor, closer):
     assert_no_leak([r1, r2], {app: [pool]})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a checkout that draws an idle connection to a frozen (SIGSTOPped) server hangs in "
-    "the test-on-borrow ping until the server thaws: ConnectionPool._ping runs SELECT 1 with "
-    "no time bound (the kernel of a stopped server still ACKs, so tcp_user_timeout and "
-    "keepalives never fire), getconn(timeout=...) does not bound it, and no connect is tried "
-    "so the address is never banned"))
 def test_a_checkout_is_bounded_when_an_idle_connection_is_on_a_frozen_server(
         fresh_cluster, dns_server, supervisor, closer):
     _, r1, r2 = fresh_cluster.servers
@@ -494,12 +488,6 @@ def test_a_checkout_is_bounded_when_an_idle_connection_is_on_a_frozen_server(
                        f" (getconn timeout 1 s); results after thaw: {results}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the supervisor's role check (role: reader/writer pools) pings an idle connection "
-    "of each address on the supervisor thread with no time bound; on a frozen replica it "
-    "blocks that one thread until the thaw, so every other pool's maintenance (here a "
-    "healthy pool's prewarm) stops: the README promises a hanging host delays other pools "
-    "by at most one connect attempt"))
 def test_a_frozen_replica_does_not_stall_other_pools_maintenance(
         fresh_cluster, dns_server, supervisor, closer):
     primary, r1, r2 = fresh_cluster.servers
@@ -589,7 +577,7 @@ def test_dns_silent_cached_answer_serves_through_stale_grace(
     conns = [pool.getconn() for _ in range(4)]
     assert {served_by(c) for c in conns} <= {r1.host, r2.host}
     assert pool.stats()["connections_opened"] == 4  # the same connections
-    # what a new connection does past the grace (asserted by the xfail test below)
+    # what a new connection does past the grace (asserted by the test below)
     t = time.monotonic()
     try:
         extra = pool.getconn()

@@ -401,8 +401,8 @@ def test_test_on_borrow_after_the_backend_is_killed_behind_pgbouncer(
     pings: list[bool] = []
     real_ping = pool._ping
 
-    def counting_ping(conn: ext.connection) -> bool:
-        pings.append(real_ping(conn))
+    def counting_ping(conn: ext.connection, *args: object) -> bool:
+        pings.append(real_ping(conn, *args))
         return pings[-1]
 
     monkeypatch.setattr(pool, "_ping", counting_ping)

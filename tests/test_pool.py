@@ -513,7 +513,7 @@ def test_hot_connection_is_not_pinged(make_pool, stepped, monkeypatch):
     pool = make_pool(minconn=0, maxconn=1, validation_bypass=0.5)
     pings = []
     real_ping = pool._ping
-    monkeypatch.setattr(pool, "_ping", lambda conn: pings.append(1) or real_ping(conn))
+    monkeypatch.setattr(pool, "_ping", lambda *a: pings.append(1) or real_ping(*a))
     c = pool.getconn()  # new: never pinged
     pool.putconn(c)
     for _ in range(5):
@@ -527,7 +527,7 @@ def test_hot_connection_is_not_pinged(make_pool, stepped, monkeypatch):
 
 def test_test_on_borrow_off_hands_out_without_ping(make_pool, stepped, monkeypatch):
     pool = make_pool(minconn=0, maxconn=1, test_on_borrow=False)
-    monkeypatch.setattr(pool, "_ping", lambda conn: pytest.fail("pinged"))
+    monkeypatch.setattr(pool, "_ping", lambda *a: pytest.fail("pinged"))
     pool.putconn(pool.getconn())
     stepped.clock.advance(100)
     pool.putconn(pool.getconn())
