@@ -37,7 +37,7 @@ import traceback
 import weakref
 from _thread import allocate_lock as _allocate_lock
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -127,6 +127,40 @@ class _PingGuard:
     def finish(self) -> None:
         with self.lock:
             self.done = True
+
+
+_guarded_classes: dict[type, type] = {}
+_pool_of_conn: weakref.WeakValueDictionary[int, ConnectionPool] = weakref.WeakValueDictionary()
+
+
+def _guarded_cursor_class(base: type) -> type:
+    """A cursor class (on ``base``, the connection's own cursor factory) whose execute,
+    executemany and callproc are bounded by its pool's ``query_timeout``: nothing in libpq
+    bounds a query on a frozen server, so the pool's watchdog cuts the connection instead."""
+    cls = _guarded_classes.get(base)
+    if cls is not None:
+        return cls
+
+    def guarded(name: str) -> Any:
+        method = getattr(base, name)
+
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            pool = _pool_of_conn.get(id(self.connection))
+            if pool is None:
+                return method(self, *args, **kwargs)
+            with pool._query_guard(self.connection):
+                return method(self, *args, **kwargs)
+
+        run.__name__ = name
+        return run
+
+    cls = type(f"Bounded{base.__name__}", (base,), {
+        "execute": guarded("execute"),
+        "executemany": guarded("executemany"),
+        "callproc": guarded("callproc"),
+    })
+    _guarded_classes[base] = cls
+    return cls
 
 
 class _Checkout:
@@ -224,6 +258,7 @@ class ConnectionPool:
         role_check_interval: float = 5.0,
         leak_detection_threshold: float | None = None,
         ping_timeout: float = 5.0,
+        query_timeout: float | None = None,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(minconn, maxconn)
@@ -270,6 +305,7 @@ class ConnectionPool:
         self.role_check_interval = role_check_interval
         self._leak_threshold = leak_detection_threshold or None
         self.ping_timeout = ping_timeout
+        self.query_timeout = query_timeout
         self._next_role_check_at = 0.0
         self._n_role_changes = 0
         self._lock = threading.Lock()
@@ -1012,6 +1048,8 @@ class ConnectionPool:
             self._opening -= 1
             self._entries[e.key] = e
             self._n_opened += 1
+            if self.query_timeout:
+                _pool_of_conn[e.key] = self
             self._backoff_s = 0.0
             self._backoff_until = 0.0
             below_min = self._size < self._minconn
@@ -1034,6 +1072,10 @@ class ConnectionPool:
     def _prepare(self, conn: Connection) -> None:
         if self._autocommit is not None:
             conn.autocommit = self._autocommit
+        if self.query_timeout:
+            base: Any = conn.cursor_factory
+            if base is None or isinstance(base, type):  # (a factory function is left as is)
+                conn.cursor_factory = _guarded_cursor_class(base or ext.cursor)
         if self._configure is not None:
             self._configure(conn)
             status = conn.get_transaction_status()
@@ -1146,6 +1188,29 @@ class ConnectionPool:
                            e.address if e else "a connection", limit)
         return ok
 
+    @contextlib.contextmanager
+    def _query_guard(self, conn: Connection) -> Iterator[None]:
+        """Bound one query on ``conn`` by ``query_timeout`` (see _guarded_cursor_class)."""
+        limit = self.query_timeout
+        if not limit or conn.closed:
+            yield
+            return
+        guard = _PingGuard(conn)
+        task = self._supervisor.watch(self._clock.monotonic() + limit, guard.expire)
+        try:
+            yield
+        finally:
+            guard.finish()
+            self._supervisor.unregister(task)
+            if guard.expired:
+                e = self._entries.get(id(conn))
+                label = e.address if e is not None else "its address"
+                if e is not None:
+                    self._connector.book.mark(e.address, self._clock.monotonic(), "timeout")
+                logger.warning("pool %s: a query on %s ran past query_timeout (%g s): its "
+                               "connection was cut and the address banned", self.name, label,
+                               limit)
+
     def _ping_unguarded(self, conn: Connection) -> bool:
         try:
             if conn.closed:
@@ -1176,6 +1241,8 @@ class ConnectionPool:
             self._retired_uses += e.uses
             self._connector.book.closed(e.address)
         self._out.discard(e)
+        if self.query_timeout:
+            _pool_of_conn.pop(e.key, None)
         e.state = CLOSED
         e.conn = None
         e.wref = None  # drops the weakref, so its callback will not fire for this close

@@ -73,7 +73,8 @@ POOL_KEYWORDS = frozenset({
     "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting", "reuse",
     "validation_bypass", "autocommit", "reconnect_backoff", "reconnect_backoff_max", "placement",
     "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval", "role",
-    "role_check_interval", "leak_detection_threshold", "ping_timeout", "fallback",
+    "role_check_interval", "leak_detection_threshold", "ping_timeout", "query_timeout",
+    "fallback",
 })
 
 #: The pool keywords a running pool takes in place; changing anything else (the DSN, a libpq
@@ -402,6 +403,11 @@ class _PoolFields(ConfigModel):
         description="Seconds a test-on-borrow ping may take (or the checkout's timeout, if "
                     "less) before its socket is shut down and the address banned: nothing in "
                     "libpq bounds a query on a frozen server.")
+    query_timeout: PosFloat | None = Field(
+        default=None,
+        description="Seconds any one query may take before the pool cuts its connection (the "
+                    "query fails, the address is banned): the bound for a frozen server, which "
+                    "nothing in libpq gives. Off by default.")
     leak_detection_threshold: PosFloat | None = Field(
         default=None,
         description="Warn (once, with the stack that checked it out) about a connection held "

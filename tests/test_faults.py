@@ -849,3 +849,40 @@ def test_stress_64_threads_with_resizes_and_reloads(pg_cluster, supervisor, clos
           f" idle {st_r['idle']} + in use {st_r['in_use']}; pool closed"
           f" {st_p['closed_by_reason']}, registry closed {st_r['closed_by_reason']}")
     assert_no_leak([primary], {app_p: [pool], app_r: [handle.pool]})
+
+
+def test_query_timeout_bounds_a_query_on_a_frozen_reader(
+        fresh_cluster, dns_server, supervisor, closer):
+    _, r1, r2 = fresh_cluster.servers
+    name = "readers.fault.test"
+    dns_server.set_a(name, [r1.host, r2.host], ttl=30)
+    app = new_app("query-timeout")
+    pool = ConnectionPool(
+        minconn=2, maxconn=4, application_name=app, timeout=2, query_timeout=1.0,
+        dsn=f"host={name} port={fresh_cluster.port} user=postgres dbname=postgres",
+        dns=dns_settings(dns_server), supervisor=supervisor, connect_timeout=1)
+    closer(pool)
+    assert wait_until(lambda: pool.stats()["idle"] == 2)  # one on each replica
+    conns = [pool.getconn(), pool.getconn()]
+    on_r1 = next(c for c in conns if served_by(c) == r1.host)
+    for c in conns:
+        if c is not on_r1:
+            pool.putconn(c)
+    r1.freeze()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(psycopg2.OperationalError), on_r1.cursor() as cur:
+            cur.execute("SELECT 1")  # in flight on the frozen server
+        bounded = time.monotonic() - t0
+        pool.putconn(on_r1)  # broken: discarded
+        label = f"{r1.host}:{fresh_cluster.port}"
+        assert pool.stats()["addresses"][label]["banned"]
+        for _ in range(20):  # the others serve
+            with pool.conn() as conn:
+                assert served_by(conn) == r2.host
+    finally:
+        r1.thaw()
+    print(f"\nFAULT: query on a frozen reader with query_timeout=1.0: failed after {bounded:.2f} s,"
+          f" address banned, 20 checkouts served by the other replica meanwhile")
+    assert 0.9 <= bounded < 2.0
+    assert_no_leak([r1, r2], {app: [pool]})
