@@ -33,6 +33,7 @@ import inspect
 import json
 import logging
 import math
+import operator
 import os
 import platform
 import random
@@ -725,9 +726,13 @@ def run_thread_slice(env: Env, s: Subject, threads: int, duration: float) -> Thr
             kinds[name] = kinds.get(name, 0) + 1
         time.sleep(0.001)  # an app would back off (or fail the request) too
 
-    def worker_getput(i: int) -> None:
-        get, put = s.get, s.put
-        assert get is not None and put is not None
+    # how a connection goes back: put() for every pool but SQLAlchemy's, whose connection
+    # proxy goes back to its QueuePool on close()
+    get = s.get
+    release = operator.methodcaller("close") if s.kind == "sa" else s.put
+    assert get is not None and release is not None
+
+    def body(i: int) -> None:
         n, w = 0, waits[i]
         barrier.wait()
         while True:
@@ -744,33 +749,7 @@ def run_thread_slice(env: Env, s: Subject, threads: int, duration: float) -> Thr
             cur.execute(SQL)
             cur.fetchone()
             cur.close()
-            put(c)
-            if perf_counter() >= deadline[0]:
-                break
-            w.append(t1 - t0)
-            n += 1
-        counts[i] = n
-
-    def worker_sa(i: int) -> None:
-        connect = s.get
-        assert connect is not None
-        n, w = 0, waits[i]
-        barrier.wait()
-        while True:
-            t0 = perf_counter()
-            try:
-                c = connect()
-            except Exception as exc:
-                failed(i, exc)
-                if perf_counter() >= deadline[0]:
-                    break
-                continue
-            t1 = perf_counter()
-            cur = c.cursor()
-            cur.execute(SQL)
-            cur.fetchone()
-            cur.close()
-            c.close()
+            release(c)
             if perf_counter() >= deadline[0]:
                 break
             w.append(t1 - t0)
@@ -778,7 +757,6 @@ def run_thread_slice(env: Env, s: Subject, threads: int, duration: float) -> Thr
         counts[i] = n
 
     fatal: list[BaseException] = []
-    body = worker_sa if s.kind == "sa" else worker_getput
 
     def worker(i: int) -> None:
         try:

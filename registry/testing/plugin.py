@@ -35,13 +35,7 @@ __all__ = [
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[LocalCluster]:
     """A primary and two replicas on 127.0.0.11-13, one port, shared by the whole session."""
-    cluster = LocalCluster(n_replicas=2).start()
-    try:
-        yield cluster
-    finally:
-        for server in cluster.servers:
-            server.thaw()
-        cluster.stop()
+    yield from _running_cluster()
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +70,12 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[SqlServer]:
 @pytest.fixture
 def fresh_cluster() -> Iterator[LocalCluster]:
     """A cluster of this test's own (primary + 2 replicas), for destructive tests."""
+    yield from _running_cluster()
+
+
+def _running_cluster() -> Iterator[LocalCluster]:
+    """A started primary + 2 replicas, stopped afterwards (thawed first: a test may have
+    frozen one)."""
     cluster = LocalCluster(n_replicas=2).start()
     try:
         yield cluster
