@@ -796,6 +796,7 @@ class ConnectionPool:
             if self._orphans:
                 self._collect_orphans_locked()
             closed_total = sum(self._closed_by.values())
+            checkouts = self._checkouts_locked()
             err = self._last_connect_error
             return {
                 "name": self.name,
@@ -810,14 +811,14 @@ class ConnectionPool:
                 "connections_opened": self._n_opened,
                 "connections_closed": closed_total,
                 "closed_by_reason": dict(self._closed_by),
-                "checkouts": self._retired_uses + sum(e.uses for e in self._entries.values()),
+                "checkouts": checkouts,
                 "checkout_timeouts": self._n_timeouts,
                 "connect_errors": self._n_connect_errors,
                 "last_connect_error": _summarise_error(err) if err else None,
                 "waits": self._n_waits,
                 "wait_total_s": self._wait_total_s,
                 "wait_max_s": self._wait_max_s,
-                "wait_histogram": self._wait_histogram_locked(),
+                "wait_histogram": self._wait_histogram_locked(checkouts),
                 "rollbacks": self._n_rollbacks,
                 "leaks_detected": self._n_leaks,
                 "placement": self._connector.placement,
@@ -1603,24 +1604,25 @@ class ConnectionPool:
         self._waiters.clear()
         self._orphans.clear()
         self._size = self._opening = 0
+        self._prewarming = 0  # the parent's in-flight prewarm never lands here
+        self._sync_prewarm = False
         self._backoff_s = self._backoff_until = 0.0
         self._connector.after_fork()
         self._pid = os.getpid()
         if not self._closed:
             self._supervisor.request(self._task)
             self._supervisor.start_if_needed()
-        if inherited:
-            logger.info(
-                "pool %s: forked: %d inherited connection(s) left to the parent",
-                self.name, len(inherited),
-            )
+        # (no logging here: in a forked child a logging stream's lock may be held for good by a
+        # thread that was writing at the fork; stats() shows the fresh start)
 
     # -- errors -----------------------------------------------------------------------------
 
-    def _wait_histogram_locked(self) -> dict[float, int]:
+    def _checkouts_locked(self) -> int:
+        return self._retired_uses + sum(e.uses for e in self._entries.values())
+
+    def _wait_histogram_locked(self, checkouts: int) -> dict[float, int]:
         """Checkout waits as cumulative counts per upper bound in seconds (Prometheus style):
         checkouts that did not wait count as 0 s."""
-        checkouts = self._retired_uses + sum(e.uses for e in self._entries.values())
         running = max(0, checkouts - self._n_waits)
         out: dict[float, int] = {}
         for bound, n in zip(WAIT_BUCKETS_S, self._wait_counts, strict=False):
@@ -1630,7 +1632,7 @@ class ConnectionPool:
         return out
 
     def _in_use_locked(self) -> int:
-        return sum(1 for e in self._entries.values() if e.state == IN_USE)
+        return len(self._out)  # the checked-out set is exactly the entries in use
 
     def _counts_locked(self) -> dict[str, int]:
         return {

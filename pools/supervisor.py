@@ -109,14 +109,16 @@ class Supervisor:
         return self._thread
 
     def start_if_needed(self) -> None:
-        """Start the thread if this supervisor runs one and it is not running (after a fork)."""
-        self._maybe_start()
+        """Start the thread if this supervisor runs one and it is not running (after a fork:
+        quietly, since a lock of a logging stream may have been inherited locked)."""
+        if self._autostart and (self._thread is None or not self._thread.is_alive()):
+            self.start(quiet=True)
 
     def _maybe_start(self) -> None:
         if self._autostart and (self._thread is None or not self._thread.is_alive()):
             self.start()
 
-    def start(self) -> None:
+    def start(self, quiet: bool = False) -> None:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -125,6 +127,7 @@ class Supervisor:
                 target=self.scheduler.run_forever, args=(self._stop,), name=THREAD_NAME, daemon=True
             )
             self._thread.start()
+        if not quiet:
             logger.debug("supervisor thread started")
 
     def stop(self, timeout: float = 5.0) -> None:

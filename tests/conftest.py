@@ -6,6 +6,7 @@ log or failure text."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -20,7 +21,7 @@ os.environ[SENTINEL_ENV] = SENTINEL_PASSWORD  # for password_env in the suite's 
 
 _LOGGERS = ("pools", "registry", "schemas")
 _leaks: list[str] = []
-_log_handler: logging.FileHandler | None = None
+_log_handler: logging.StreamHandler[io.TextIOWrapper] | None = None
 _log_path: Path | None = None
 
 
@@ -29,7 +30,10 @@ def pytest_configure(config: pytest.Config) -> None:
     fd, name = tempfile.mkstemp(prefix="pgregistry-suite-", suffix=".log")
     os.close(fd)
     _log_path = Path(name)
-    _log_handler = logging.FileHandler(_log_path, encoding="utf-8")
+    # An unbuffered stream: a buffered file's internal lock, held by a thread writing at the
+    # moment a test forks, would stay locked in the child and hang its first log line.
+    stream = io.TextIOWrapper(io.FileIO(_log_path, "a"), encoding="utf-8", write_through=True)
+    _log_handler = logging.StreamHandler(stream)
     _log_handler.setLevel(logging.DEBUG)
     _log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     for name in _LOGGERS:
@@ -51,6 +55,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for name in _LOGGERS:
             logging.getLogger(name).removeHandler(_log_handler)
         _log_handler.close()
+        _log_handler.stream.close()
         text = _log_path.read_text(encoding="utf-8", errors="replace")
         lines = [ln for ln in text.splitlines() if SENTINEL_PASSWORD in ln]
         _leaks.extend(f"session log: {ln[:200]}" for ln in lines[:10])
