@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m registry demo $(DEMO_ARGS)
+	$(PY) -m pgregistry demo $(DEMO_ARGS)
 
 # The benchmark's peers (psycopg2_pool, psycopg_pool, psycopg 3, SQLAlchemy) are the `bench`
 # extra, installed with the rest (the test suite runs the benchmark's --quick smoke run).
@@ -31,7 +31,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pools registry schemas tests examples bench
-	$(VENV)/bin/mypy
+	MYPY=$(VENV)/bin/mypy bash .ci/typecheck
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -53,10 +53,9 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
-
-from pools import ConnectionPool
-from registry import Registry
-from registry.testing.cluster import LocalCluster
+from pgregistry import Registry
+from pgregistry.pools import ConnectionPool
+from pgregistry.testing.cluster import LocalCluster
 
 try:  # the `bench` extra
     import psycopg

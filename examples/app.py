@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from registry import Registry
+from pgregistry import Registry
 
 HERE = Path(__file__).resolve().parent
 

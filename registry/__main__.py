@@ -1,9 +1,9 @@
-"""``python -m registry``: check a file, print the JSON Schema, show a registry's pools.
+"""``python -m pgregistry``: check a file, print the JSON Schema, show a registry's pools.
 
-    python -m registry check pools.yaml     # exactly the loader reload uses; exit 0 or 1
-    python -m registry schema               # the file format as JSON Schema
-    python -m registry stats pools.yaml     # open the pools, print pools and addresses
-    python -m registry demo                 # the live demo (local cluster); demo --help
+    python -m pgregistry check pools.yaml     # exactly the loader reload uses; exit 0 or 1
+    python -m pgregistry schema               # the file format as JSON Schema
+    python -m pgregistry stats pools.yaml     # open the pools, print pools and addresses
+    python -m pgregistry demo                 # the live demo (local cluster); demo --help
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from schemas import ConfigError, json_schema, load_config
+from .schemas import ConfigError, json_schema, load_config
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -78,7 +78,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m registry", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pgregistry", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=5.0, help="seconds to let pools prewarm")
     p.add_argument("--json", action="store_true", help="print stats as JSON")
     p.set_defaults(func=_stats)
-    # the demo parses its own options (python -m registry demo --help)
+    # the demo parses its own options (python -m pgregistry demo --help)
     sub.add_parser("demo", add_help=False, help="run the live demo (see: demo --help)")
     args, extra = parser.parse_known_args(argv)
     if args.command == "demo":

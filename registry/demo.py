@@ -1,4 +1,4 @@
-"""``python -m registry demo``: pgregistry live, against a local Aurora-like cluster.
+"""``python -m pgregistry demo``: pgregistry live, against a local Aurora-like cluster.
 
 With no arguments (``make demo``) it starts a writer and two streaming replicas on
 127.0.0.11-13 (one port) with the project's test harness, a loopback DNS server with a 1 s TTL
@@ -40,9 +40,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
-from schemas import ConfigError
-
 from .registry import Registry
+from .schemas import ConfigError
 
 if TYPE_CHECKING:
     from .testing.cluster import LocalCluster
@@ -384,7 +383,7 @@ class Event:
 
 def demo_yaml(dns_port: int, pg_port: int, readers_min: int = 2, readers_max: int = 6) -> str:
     return textwrap.dedent(f"""\
-        # Written by `python -m registry demo` for its local cluster.
+        # Written by `python -m pgregistry demo` for its local cluster.
         version: 1
         dns:                          # the demo's loopback DNS server (A records, TTL {DNS_TTL} s)
           nameservers: [127.0.0.1]
@@ -548,7 +547,7 @@ class Demo:
 
     @staticmethod
     def _peek_pools(path: Path) -> list[str]:
-        from schemas import load_config
+        from .schemas import load_config
 
         return list(load_config(path).pools)
 
@@ -788,7 +787,7 @@ def _positive(text: str) -> float:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m registry demo", description=(__doc__ or "").replace("``", ""),
+        prog="python -m pgregistry demo", description=(__doc__ or "").replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--duration", type=_positive, default=60.0, metavar="SECONDS",
@@ -822,7 +821,7 @@ def _logging(verbose: bool) -> Iterator[None]:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    names = ("pools", "registry", "schemas")
+    names = ("pgregistry",)
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
     saved.append((root, root.level))
     root.setLevel(logging.WARNING)

@@ -4,7 +4,7 @@
 return in the Prometheus text exposition format (version 0.0.4). It is a pure function: no I/O,
 no client library, nothing registered globally; the application decides how to serve it.
 
-    from registry import Registry, registry_metrics, start_metrics_server
+    from pgregistry import Registry, registry_metrics, start_metrics_server
     reg = Registry.from_yaml("pools.yaml")
     text = registry_metrics(reg)                   # serve it from your own web framework
     server = start_metrics_server(reg, port=9187)  # or let pgregistry serve GET /metrics

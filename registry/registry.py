@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg2.extensions
 
-from pools import (
+from .pools import (
     ConnectError,
     ConnectionPool,
     PoolClosed,
@@ -31,12 +31,11 @@ from pools import (
     Supervisor,
     get_supervisor,
 )
-from pools.clock import Clock
-from pools.pool import READ_ONLY_SQLSTATE
-from schemas import ConfigError, PoolConfig, RegistryConfig, load_config
-from schemas.errors import Problem
-
+from .pools.clock import Clock
+from .pools.pool import READ_ONLY_SQLSTATE
 from .reload import ReloadResult, plan_reload
+from .schemas import ConfigError, PoolConfig, RegistryConfig, load_config
+from .schemas.errors import Problem
 from .signals import install_sighup
 
 __all__ = ["Registry", "PoolHandle", "UnknownPoolError"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas import RegistryConfig
+from .schemas import RegistryConfig
 
 __all__ = ["ReloadPlan", "ReloadResult", "plan_reload"]
 

@@ -1,6 +1,6 @@
 """pgregistry schemas: the YAML file's models, its loader, its errors and its JSON Schema.
 
-    from schemas import load_config, ConfigError
+    from pgregistry.schemas import load_config, ConfigError
     config = load_config("pools.yaml")        # RegistryConfig, or ConfigError with every problem
     config.pools["writer"].pool_kwargs()      # ConnectionPool keywords, defaults merged in
 

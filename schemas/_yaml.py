@@ -24,7 +24,7 @@ from yaml.reader import ReaderError
 
 __all__ = ["Path", "YamlProblem", "YamlDocument", "parse_yaml"]
 
-logger = logging.getLogger("schemas")
+logger = logging.getLogger("pgregistry.schemas")
 
 Path = tuple[str | int, ...]
 

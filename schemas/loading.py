@@ -45,7 +45,7 @@ from .models import (
 
 __all__ = ["check_file", "load_config", "load_config_text"]
 
-logger = logging.getLogger("schemas")
+logger = logging.getLogger("pgregistry.schemas")
 
 _ENV_NAME = re.compile(ENV_NAME_PATTERN)
 _MAX_SECRET_FILE = 64 * 1024

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from helpers import SENTINEL_ENV, SENTINEL_PASSWORD
 
-pytest_plugins = ["registry.testing.plugin", "pool_fixtures"]
+pytest_plugins = ["pgregistry.testing.plugin", "pool_fixtures"]
 
 os.environ[SENTINEL_ENV] = SENTINEL_PASSWORD  # for password_env in the suite's YAML files
 
-_LOGGERS = ("pools", "registry", "schemas")
+_LOGGERS = ("pgregistry",)
 _leaks: list[str] = []
 _log_handler: logging.StreamHandler[io.TextIOWrapper] | None = None
 _log_path: Path | None = None

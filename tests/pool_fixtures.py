@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 from helpers import SENTINEL_PASSWORD
-
-from pools import ConnectionPool, FakeClock, Supervisor
-from registry.testing.cluster import PgServer
+from pgregistry.pools import ConnectionPool, FakeClock, Supervisor
+from pgregistry.testing.cluster import PgServer
 
 _DEFAULT = object()
 

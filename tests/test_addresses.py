@@ -14,9 +14,8 @@ from collections import Counter
 
 import pytest
 from helpers import wait_until
-
-from pools import ConnectError, ConnectionPool, PoolError
-from pools.resolver import HostResolver, ResolutionError
+from pgregistry.pools import ConnectError, ConnectionPool, PoolError
+from pgregistry.pools.resolver import HostResolver, ResolutionError
 
 READERS = "readers.db.test"
 

@@ -14,9 +14,8 @@ import psycopg2
 import pytest
 import yaml
 from helpers import run_load_for, wait_until
-
-from pools import ConnectError
-from registry import Registry
+from pgregistry import Registry
+from pgregistry.pools import ConnectError
 
 TTL = 1
 

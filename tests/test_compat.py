@@ -9,14 +9,13 @@ import threading
 import psycopg2
 import psycopg2.extensions
 import pytest
-
-from pools import PoolError as OurPoolError
-from pools.compat import (
+from pgregistry.compat import (
     PoolError,
     SimpleConnectionPool,
     ThreadedConnectionPool,
     ThreadSafeConnectionPool,
 )
+from pgregistry.pools import PoolError as OurPoolError
 
 
 @pytest.fixture

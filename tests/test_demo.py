@@ -1,4 +1,4 @@
-"""The demo (`python -m registry demo`, what `make demo` runs): the whole timeline on its own
+"""The demo (`python -m pgregistry demo`, what `make demo` runs): the whole timeline on its own
 local cluster, Ctrl-C, and `--config` against the session cluster."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ TABLE_ROW = re.compile(r"^\s*(?:\d+\.\ds\s+\S+)?\s+(writer|readers)\s+(\d+)/(\d+
 
 def run_demo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "registry", "demo", *args],
+        [sys.executable, "-m", "pgregistry", "demo", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
@@ -109,7 +109,7 @@ def test_demo_runs_the_whole_timeline() -> None:
 @pytest.mark.timeout(120)
 def test_demo_ctrl_c_prints_the_summary_and_cleans_up() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "registry", "demo", "--duration", "60", "--interval", "0.5"],
+        [sys.executable, "-m", "pgregistry", "demo", "--duration", "60", "--interval", "0.5"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -215,13 +215,13 @@ def test_demo_refuses_bad_input(tmp_path: Path) -> None:
 
 def test_python_m_registry_passes_options_to_the_demo() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "registry", "demo", "--interval", "0"],
+        [sys.executable, "-m", "pgregistry", "demo", "--interval", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 2 and "--interval" in done.stderr and "must be more than 0" \
         in done.stderr
     done = subprocess.run(
-        [sys.executable, "-m", "registry", "check", "x.yaml", "--duration", "1"],
+        [sys.executable, "-m", "pgregistry", "check", "x.yaml", "--duration", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 2 and "unrecognized arguments: --duration 1" in done.stderr

@@ -19,14 +19,14 @@ def run(args, env, timeout=60):
 
 def test_example_yaml_checks_ok():
     env = {**os.environ, "PGPASSWORD": "from-the-environment"}
-    out = run(["-m", "registry", "check", str(EXAMPLE)], env)
+    out = run(["-m", "pgregistry", "check", str(EXAMPLE)], env)
     assert out.returncode == 0, out.stderr
     assert "3 pool(s): writer, readers, analytics" in out.stdout
 
 
 def test_example_yaml_names_a_missing_password_variable():
     env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
-    out = run(["-m", "registry", "check", str(EXAMPLE)], env)
+    out = run(["-m", "pgregistry", "check", str(EXAMPLE)], env)
     assert out.returncode == 1
     assert "PGPASSWORD" in out.stderr and "Traceback" not in out.stderr
 

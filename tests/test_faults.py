@@ -29,9 +29,8 @@ import psycopg2.errors
 import pytest
 import yaml
 from helpers import wait_until
-
-from pools import ConnectError, ConnectionPool, PoolError, Supervisor
-from registry import Registry
+from pgregistry import Registry
+from pgregistry.pools import ConnectError, ConnectionPool, PoolError, Supervisor
 
 # A frozen server only hangs what talks to it: every libpq knob that could bound a hang.
 FROZEN_LIBPQ: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""Tests of the real-server test harness itself (registry.testing)."""
+"""Tests of the real-server test harness itself (pgregistry.testing)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 import pytest
-
-from registry.testing import docker as docker_mod
-from registry.testing import plugin as plugin_mod
-from registry.testing.cluster import LocalCluster, PgServer, _children_of, _proc_stat, free_port
-from registry.testing.dns import DnsServer
+from pgregistry.testing import docker as docker_mod
+from pgregistry.testing import plugin as plugin_mod
+from pgregistry.testing.cluster import LocalCluster, PgServer, _children_of, _proc_stat, free_port
+from pgregistry.testing.dns import DnsServer
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +150,7 @@ def test_pg_server_is_the_local_primary_without_docker(
 
 def test_harness_imports_nothing_heavy() -> None:
     code = (
-        "import sys, registry.testing.plugin as p\n"
+        "import sys, pgregistry.testing.plugin as p\n"
         "p.docker_available()\n"
         "heavy = [m for m in ('docker', 'testcontainers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -248,7 +247,7 @@ def test_add_and_remove_replica(fresh_cluster: LocalCluster) -> None:
 _CHILD = textwrap.dedent(
     """
     import sys, time
-    from registry.testing.cluster import LocalCluster, base_dir
+    from pgregistry.testing.cluster import LocalCluster, base_dir
     cluster = LocalCluster(n_replicas=1).start()
     print(base_dir(), *[s.pid for s in cluster.servers], flush=True)
     if sys.argv[1] == "hang":

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from registry import (
+from pgregistry import (
     MetricsServer,
     Registry,
     metrics_text,
@@ -24,7 +23,7 @@ from registry import (
     registry_metrics,
     start_metrics_server,
 )
-from registry.metrics import CLOSE_REASONS, CONTENT_TYPE
+from pgregistry.metrics import CLOSE_REASONS, CONTENT_TYPE
 
 # the servers trust loopback: this password is sent but never checked
 SENTINEL = f"MetricsSentinel-{uuid.uuid4().hex[:12]}"
@@ -521,7 +520,7 @@ def test_the_parser_is_strict(bad):
 
 
 def test_registry_metrics_text_method(tmp_path, pg_cluster) -> None:
-    from registry import Registry
+    from pgregistry import Registry
 
     path = tmp_path / "pools.yaml"
     path.write_text(f"version: 1\npools:\n  w:\n    host: {pg_cluster.primary.host}\n"

@@ -30,17 +30,16 @@ import psycopg2.errors
 import psycopg2.extensions as ext
 import pytest
 from helpers import wait_until
-
-from pools import ConnectionPool, PoolError, PoolTimeout
-from registry.testing import pgbouncer as pgbouncer_mod
-from registry.testing.cluster import (
+from pgregistry.pools import ConnectionPool, PoolError, PoolTimeout
+from pgregistry.testing import pgbouncer as pgbouncer_mod
+from pgregistry.testing.cluster import (
     HarnessError,
     LocalCluster,
     PgServer,
     ServerStartError,
     _proc_stat,
 )
-from registry.testing.pgbouncer import PgBouncer, find_pgbouncer
+from pgregistry.testing.pgbouncer import PgBouncer, find_pgbouncer
 
 MakePool = Callable[..., ConnectionPool]
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,8 +180,8 @@ def test_own_bouncer_runs_as_postgres_and_stops_cleanly(pg_cluster: LocalCluster
 
 _CHILD = """
 import sys, time
-from registry.testing.cluster import base_dir
-from registry.testing.pgbouncer import PgBouncer
+from pgregistry.testing.cluster import base_dir
+from pgregistry.testing.pgbouncer import PgBouncer
 bouncer = PgBouncer(sys.argv[1]).start()
 print(base_dir(), bouncer.pid, flush=True)
 if sys.argv[2] == "hang":  # else exit: atexit stops the bouncer

@@ -15,8 +15,7 @@ import psycopg2
 import psycopg2.extensions as ext
 import pytest
 from helpers import hold, run_load_for, wait_until
-
-from pools import (
+from pgregistry.pools import (
     BadConnectionError,
     ConnectError,
     ConnectionPool,
@@ -49,7 +48,7 @@ def test_checkout_query_return(make_pool):
 
 def test_readme_example_of_psycopg2_pool2(pg_server, stepped):
     # The seed's README example, unchanged but for the import (and the server's address).
-    from pools import ConnectionPool
+    from pgregistry.pools import ConnectionPool
 
     pool = ConnectionPool(
         minconn=1,

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 from helpers import SENTINEL_ENV, SENTINEL_PASSWORD, wait_until
-
-from pools import PoolError
-from registry import Registry, UnknownPoolError
-from schemas import ConfigError
+from pgregistry import Registry, UnknownPoolError
+from pgregistry.pools import PoolError
+from pgregistry.schemas import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,7 +231,7 @@ def test_cli_check_prints_every_problem(topo):
           minconn: 5
           maxconn: 2
         """)
-    out = subprocess.run([sys.executable, "-m", "registry", "check", str(path)],
+    out = subprocess.run([sys.executable, "-m", "pgregistry", "check", str(path)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 1
     err = out.stderr
@@ -243,17 +242,17 @@ def test_cli_check_prints_every_problem(topo):
     assert ":16:" in err or "line 16" in err or ":17:" in err  # lines are given
     assert "Traceback" not in err and SENTINEL_PASSWORD not in out.stdout + err
     ok = topo.write(base_pools())
-    out = subprocess.run([sys.executable, "-m", "registry", "check", str(ok)],
+    out = subprocess.run([sys.executable, "-m", "pgregistry", "check", str(ok)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "ok (2 pool(s): writer, readers)" in out.stdout
 
 
 def test_cli_schema_and_stats(topo):
-    out = subprocess.run([sys.executable, "-m", "registry", "schema"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "pgregistry", "schema"], capture_output=True,
                          text=True, cwd=ROOT, check=True)
     assert '"pools"' in out.stdout
     path = topo.write(base_pools())
-    out = subprocess.run([sys.executable, "-m", "registry", "stats", str(path)],
+    out = subprocess.run([sys.executable, "-m", "pgregistry", "stats", str(path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert SENTINEL_PASSWORD not in out.stdout + out.stderr
@@ -412,7 +411,7 @@ def test_a_forked_child_gets_working_pools_and_leaves_the_parents_alone(topo, pg
 
 
 def test_registry_from_a_model_and_context_manager(topo, stepped):
-    from schemas import load_config
+    from pgregistry.schemas import load_config
 
     config = load_config(topo.write(base_pools()))
     with Registry(config, supervisor=stepped) as reg:

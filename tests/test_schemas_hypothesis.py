@@ -9,8 +9,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from schemas import ConfigError, DnsConfig, PoolConfig, RegistryConfig, load_config_text
+from pgregistry.schemas import ConfigError, DnsConfig, PoolConfig, RegistryConfig, load_config_text
 
 ENV = {"PGPASSWORD": "pw", "X": "5", "HOST": "db", "EMPTY": ""}
 SETTINGS = settings(max_examples=200, deadline=None,

@@ -1,12 +1,12 @@
 """Real-server test harness: local PostgreSQL clusters and a loopback DNS server.
 
-``registry.testing.cluster``  LocalCluster, PgServer, find_pg_bindir, free_port
-``registry.testing.dns``      DnsServer (needs dnslib, a test extra)
-``registry.testing.docker``   docker_available, ContainerServer (needs testcontainers)
-``registry.testing.pgbouncer`` PgBouncer, find_pgbouncer (needs the pgbouncer binary)
-``registry.testing.plugin``   pytest fixtures: ``pytest_plugins = ["registry.testing.plugin"]``
+``pgregistry.testing.cluster``  LocalCluster, PgServer, find_pg_bindir, free_port
+``pgregistry.testing.dns``      DnsServer (needs dnslib, a test extra)
+``pgregistry.testing.docker``   docker_available, ContainerServer (needs testcontainers)
+``pgregistry.testing.pgbouncer`` PgBouncer, find_pgbouncer (needs the pgbouncer binary)
+``pgregistry.testing.plugin``   pytest fixtures: ``pytest_plugins = ["pgregistry.testing.plugin"]``
 
-Names are imported lazily, so ``import registry.testing`` pulls in neither dnslib nor docker.
+Names are imported lazily, so ``import pgregistry.testing`` pulls in neither dnslib nor docker.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """PgBouncer in front of local PostgreSQL servers, for tests.
 
 A :class:`PgBouncer` writes its own ``pgbouncer.ini`` and user list into a directory under the
-harness's :func:`~registry.testing.cluster.base_dir`, and runs ``pgbouncer`` in the foreground as
+harness's :func:`~pgregistry.testing.cluster.base_dir`, and runs ``pgbouncer`` in the foreground as
 a direct child, spawned exactly like the cluster's postmasters: from the harness's long-lived
 spawner thread, behind ``setpriv --pdeathsig=INT`` (a killed test runner leaves no bouncer
 behind), and as the ``postgres`` user when the tests run as root (PgBouncer refuses root).
@@ -316,7 +316,7 @@ class PgBouncer:
         assert self.dir is not None
         self.databases, self.backend = _database_entries(self.backends)
         (self.dir / "userlist.txt").write_text(f'"{PG_USER}" ""\n', encoding="utf-8")
-        lines = ["; written by registry.testing.pgbouncer", "[databases]"]
+        lines = ["; written by pgregistry.testing.pgbouncer", "[databases]"]
         lines += [f"{name} = {entry}" for name, entry in self.databases.items()]
         lines += ["", "[pgbouncer]"]
         lines += [f"{key} = {value}" for key, value in self.settings().items()]

@@ -1,4 +1,4 @@
-"""pytest fixtures for real-server tests: ``pytest_plugins = ["registry.testing.plugin"]``.
+"""pytest fixtures for real-server tests: ``pytest_plugins = ["pgregistry.testing.plugin"]``.
 
 Session fixtures share one cluster (``pg_cluster``, ``pg_primary``, ``pg_server``) and one
 PgBouncer in front of its primary (``pgbouncer``); tests that break servers (failover, kill,

@@ -19,9 +19,8 @@ import threading
 from typing import Any
 
 import psycopg2.extensions as ext
-
-from .errors import BadConnectionError, PoolClosed, PoolError, PoolTimeout
-from .pool import ConnectionPool
+from pgregistry.pools.errors import BadConnectionError, PoolClosed, PoolError, PoolTimeout
+from pgregistry.pools.pool import ConnectionPool
 
 __all__ = [
     "AbstractConnectionPool",
