@@ -32,6 +32,7 @@ from .pools import (
     get_supervisor,
 )
 from .pools.clock import Clock
+from .pools.listener import Listener
 from .pools.pool import READ_ONLY_SQLSTATE
 from .reload import ReloadResult, plan_reload
 from .schemas import ConfigError, PoolConfig, RegistryConfig, load_config
@@ -160,6 +161,15 @@ class PoolHandle:
     def status(self) -> dict[str, int | float]:
         return self.pool.status()
 
+    def listener(self, **kwargs: Any) -> Listener:
+        """A :class:`~pgregistry.pools.listener.Listener` on a dedicated connection of the pool
+        behind this name, outside its ``maxconn``. It follows the name: after a reload that
+        replaces the pool it moves to the new one (reporting a gap); a reload that removes the
+        name, or closing the registry, closes it. Keywords: those of ``Listener``
+        (``on_notify``, ``on_reconnect``, ``reconnect_backoff``, ...). Raises
+        :class:`ConnectError` if it cannot connect now."""
+        return self._registry._new_listener(self, **kwargs)
+
     def __repr__(self) -> str:
         return f"<PoolHandle {self.name!r}>"
 
@@ -184,6 +194,8 @@ class Registry:
         self._closed = False
         self._draining: list[ConnectionPool] = []
         self._handles: dict[str, PoolHandle] = {}
+        self._listeners: dict[str, list[Listener]] = {}
+        self._listeners_lock = threading.Lock()
         self._restore_sighup: Any = None
         self._reload_requested = False
         self._reloads = 0
@@ -337,6 +349,9 @@ class Registry:
             fb = self._fallback_stats(name)
             if fb is not None:
                 s["fallback"] = fb
+            listeners = self._listeners_of(name)
+            if listeners:
+                s["listeners"] = [*s.get("listeners", []), *(lst.stats() for lst in listeners)]
         result = self._last_result
         if self._draining:
             self._prune_draining()
@@ -439,6 +454,9 @@ class Registry:
         self._gen = Generation(old.number + 1, config, MappingProxyType(pools))
         for name in plan.replaced + plan.removed:
             self._drain(old.pools[name])
+        for name in plan.removed:
+            for lst in self._listeners_of(name):
+                lst.close()
         result = ReloadResult(plan, self._gen.number, time.monotonic() - t0)
         self._record(result)
         logger.info("registry %s: reload to generation %d: %s", self._path, result.generation,
@@ -476,6 +494,31 @@ class Registry:
         if self._draining:
             self._prune_draining()
         return now + 5.0 if self._draining else float("inf")
+
+    # -- listeners --------------------------------------------------------------------------
+
+    def _new_listener(self, handle: PoolHandle, **kwargs: Any) -> Listener:
+        self._check_open()
+        name = handle.name
+
+        def forget(lst: Listener) -> None:
+            with self._listeners_lock:
+                kept = [x for x in self._listeners.get(name, []) if x is not lst]
+                if kept:
+                    self._listeners[name] = kept
+                else:
+                    self._listeners.pop(name, None)
+
+        lst = Listener(lambda: handle.pool, on_close=forget, **kwargs)
+        with self._listeners_lock:
+            self._listeners.setdefault(name, []).append(lst)
+        if self._closed:  # closed meanwhile
+            lst.close()
+        return lst
+
+    def _listeners_of(self, name: str) -> list[Listener]:
+        with self._listeners_lock:
+            return list(self._listeners.get(name, ()))
 
     # -- building ---------------------------------------------------------------------------
 
@@ -521,6 +564,9 @@ class Registry:
             self._restore_sighup()
             self._restore_sighup = None
         self._supervisor.unregister(self._reload_task)
+        for name in list(self._listeners):
+            for lst in self._listeners_of(name):
+                lst.close()
         for pool in list(self._gen.pools.values()) + self._draining:
             pool.close()
         self._draining = []
