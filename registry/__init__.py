@@ -7,18 +7,15 @@
 The repository's folders map onto this package: ``registry/`` is ``pgregistry`` itself,
 ``pools/`` is ``pgregistry.pools``, ``schemas/`` is ``pgregistry.schemas`` and
 ``pools/compat/`` is ``pgregistry.compat``. Everything public is re-exported here.
+
+Metrics: ``stats()`` without extras; ``registry.register_prometheus()`` (module
+:mod:`pgregistry.prometheus`, extra ``prometheus``) and ``registry.instrument_otel()`` (module
+:mod:`pgregistry.otel`, extra ``otel``) plug into what the application already exposes.
 """
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from .metrics import (
-    MetricsServer,
-    metrics_text,
-    pool_metrics,
-    registry_metrics,
-    start_metrics_server,
-)
 from .pools import (
     BadConnectionError,
     ConnectError,
@@ -56,9 +53,4 @@ __all__ = [
     "ReloadPlan",
     "ReloadResult",
     "plan_reload",
-    "metrics_text",
-    "registry_metrics",
-    "pool_metrics",
-    "MetricsServer",
-    "start_metrics_server",
 ]

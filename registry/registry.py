@@ -8,6 +8,7 @@ pool, and ``putconn`` through it always reaches the pool that gave the connectio
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import difflib
 import logging
@@ -15,7 +16,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -208,6 +209,7 @@ class Registry:
         self._falling_back: dict[str, dict[str, Any]] = {}
         self._fallback_checkouts: dict[str, int] = {}
         self._fallback_lock = threading.Lock()
+        self._pool_observers: list[Callable[[ConnectionPool], None]] = []
         pools = self._build_all(config, config.pools)
         self._gen = Generation(1, config, MappingProxyType(pools))
         self._fallbacks = self._fallbacks_of(config)
@@ -370,18 +372,26 @@ class Registry:
         }
         return out
 
-    def metrics_text(self) -> str:
-        """Every pool's and address's figures in the Prometheus text format."""
-        from .metrics import registry_metrics
+    def add_pool_observer(self, observer: Callable[[ConnectionPool], None]) -> None:
+        """Call ``observer(pool)`` for every pool of the registry now and for each pool a later
+        reload builds (the metrics integrations attach their timing listeners this way)."""
+        self._pool_observers.append(observer)
+        for name in self.names():
+            observer(self._gen.pools[name])
 
-        return registry_metrics(self)
+    def remove_pool_observer(self, observer: Callable[[ConnectionPool], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._pool_observers.remove(observer)
 
-    def start_metrics_server(self, port: int = 0, host: str = "127.0.0.1") -> Any:
-        """Serve :meth:`metrics_text` at ``http://host:port/metrics`` on a small thread of its
-        own (started here, on request only); returns the server (``.url``, ``.stop()``)."""
-        from .metrics import start_metrics_server
+    def register_prometheus(self, collector_registry: Any = None) -> Any:
+        """Expose this registry's pools (by name; reloads are followed) and its reload figures
+        through prometheus_client: registers a collector with ``collector_registry`` (default:
+        prometheus_client's global ``REGISTRY``) and returns it (``unregister`` it to stop).
+        Needs the ``prometheus`` extra (``pip install 'pgregistry[prometheus]'``); without it,
+        ImportError naming the extra. See :mod:`pgregistry.prometheus`."""
+        from .prometheus import register_registry
 
-        return start_metrics_server(self, port=port, host=host)
+        return register_registry(self, collector_registry)
 
     # -- reloading --------------------------------------------------------------------------
 
@@ -541,6 +551,12 @@ class Registry:
             for pool in built.values():
                 pool.close()
             raise ConfigError(str(self._path) if self._path else None, problems)
+        for observer in self._pool_observers:
+            for pool in built.values():
+                try:
+                    observer(pool)
+                except Exception:
+                    logger.exception("registry: a pool observer failed on pool %s", pool.name)
         return built
 
     @staticmethod
