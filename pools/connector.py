@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ __all__ = [
     "ConnectFailed",
     "Target",
     "redact_params",
-    "redact_dsn",
     "parse_conninfo",
     "describe",
 ]
@@ -50,19 +48,20 @@ _PSYCOPG_KEYS = frozenset({"connection_factory", "cursor_factory"})
 _PER_ATTEMPT = frozenset({"host", "hostaddr", "port", "connect_timeout", "target_session_attrs",
                           "load_balance_hosts"})
 
-_URI_PASSWORD = re.compile(r"^(?P<head>[a-z]+://[^:/@]*:)(?P<pw>[^@]*)(?P<tail>@.*)$", re.I)
-_KV_PASSWORD = re.compile(r"(?P<key>\b(?:ssl)?password\s*=\s*)(?P<val>'(?:[^'\\]|\\.)*'|\S+)", re.I)
 
 
 def parse_conninfo(dsn: str | None, kwargs: Mapping[str, Any]) -> dict[str, str]:
     """Merge a DSN (key=value or URI) with keyword parameters; keywords win. Values are strings,
-    ``None`` values are dropped. Raises ``ValueError`` (with the DSN redacted) on a bad DSN."""
+    ``None`` values are dropped. Raises ``ValueError`` on a bad DSN; neither the DSN nor
+    libpq's message (which quotes parts of it, a password too) is shown."""
     params: dict[str, str] = {}
     if dsn:
         try:
             params.update(psycopg2.extensions.parse_dsn(dsn))
-        except psycopg2.ProgrammingError as exc:
-            raise ValueError(f"invalid dsn {redact_dsn(dsn)!r}: {str(exc).strip()}") from None
+        except psycopg2.ProgrammingError:
+            raise ValueError("invalid dsn: libpq cannot parse it (the dsn and libpq's message "
+                             "are not shown: they may hold a password; `pgregistry check` on "
+                             "a YAML file points at the mistake)") from None
     for key, value in kwargs.items():
         if value is None:
             params.pop(key, None)
@@ -76,15 +75,6 @@ def parse_conninfo(dsn: str | None, kwargs: Mapping[str, Any]) -> dict[str, str]
 def redact_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``params`` with every secret replaced by ``***``."""
     return {k: (REDACTED if k in SECRET_KEYS and v else v) for k, v in params.items()}
-
-
-def redact_dsn(dsn: str) -> str:
-    """A DSN string (URI or key=value) with its password replaced by ``***``."""
-    m = _URI_PASSWORD.match(dsn)
-    if m:
-        dsn = f"{m['head']}{REDACTED}{m['tail']}"
-    dsn = re.sub(r"([?&](?:ssl)?password=)[^&]*", rf"\g<1>{REDACTED}", dsn, flags=re.I)
-    return _KV_PASSWORD.sub(lambda m: f"{m['key']}{REDACTED}", dsn)
 
 
 def describe(params: Mapping[str, Any]) -> str:

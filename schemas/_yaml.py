@@ -5,6 +5,13 @@ Built on ``yaml.SafeLoader`` (nothing but plain data is ever constructed). On to
 * duplicate keys and non-string keys are problems (PyYAML silently keeps the last one);
 * merge keys (``<<: *base``) and anchors work; keys a mapping merges in may be overridden;
 * timestamps stay text (``2024-01-01`` is not turned into a date);
+* the YAML 1.1 readings users trip over are recorded per key path as :class:`Surprise`
+  values: a leading-zero integer (``port: 05432`` is octal, 2842), a base-60 number
+  (``1:30`` is 90), and ``yes``/``no``/``on``/``off`` read as booleans;
+* where each scalar value starts, and whether a character offset in it maps one to one onto
+  the source line (a one-line plain or quoted scalar without escapes);
+* syntax errors carry hints: a tab (use spaces), an unterminated quote (the line where it
+  opened);
 * a value PyYAML cannot construct, a recursive alias, a document nested too deep or one whose
   aliases expand into too many values is a problem, never a crash.
 """
@@ -12,6 +19,7 @@ Built on ``yaml.SafeLoader`` (nothing but plain data is ever constructed). On to
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +30,7 @@ from yaml.error import Mark, MarkedYAMLError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
-__all__ = ["Path", "YamlProblem", "YamlDocument", "parse_yaml"]
+__all__ = ["Path", "Surprise", "ValuePosition", "YamlProblem", "YamlDocument", "parse_yaml"]
 
 logger = logging.getLogger("pgregistry.schemas")
 
@@ -31,6 +39,36 @@ Path = tuple[str | int, ...]
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_VALUES = 100_000  # after alias expansion
+_BOOL_WORDS = frozenset({"yes", "no", "on", "off"})  # booleans in YAML 1.1 only
+_LEADING_ZERO = re.compile(r"^[-+]?0[0-9_]+$")
+_BASE_60 = re.compile(r"^[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?$")
+
+
+@dataclass(frozen=True)
+class Surprise:
+    """A scalar YAML 1.1 reads unlike most people (and YAML 1.2) would: ``kind`` is
+    ``"octal"``, ``"base60"`` or ``"bool"``; ``raw`` the text as written; ``value`` what
+    PyYAML made of it."""
+
+    kind: str
+    raw: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class ValuePosition:
+    """Where a scalar value's text starts (1-based line and column, after any opening quote),
+    and whether character ``i`` of the value sits at column ``column + i`` of that line."""
+
+    line: int
+    column: int
+    exact: bool
+
+    def at(self, offset: int | None) -> tuple[int, int]:
+        """Line and column of character ``offset`` of the value (its start when unknown)."""
+        if offset is None or not self.exact:
+            return self.line, self.column
+        return self.line, self.column + offset
 
 
 @dataclass(frozen=True)
@@ -51,6 +89,8 @@ class YamlDocument:
     data: Any
     positions: dict[Path, tuple[int, int]] = field(default_factory=dict)
     problems: list[YamlProblem] = field(default_factory=list)
+    value_positions: dict[Path, ValuePosition] = field(default_factory=dict)
+    surprises: dict[Path, Surprise] = field(default_factory=dict)
 
 
 class _Map(dict[str, Any]):
@@ -60,6 +100,7 @@ class _Map(dict[str, Any]):
         super().__init__()
         self.mark = mark
         self.key_marks: dict[str, Mark | None] = {}
+        self.value_positions: dict[str, ValuePosition] = {}
         self.issues: list[tuple[Mark | None, str, str | None]] = []  # (where, message, key)
 
 
@@ -138,6 +179,9 @@ class _Loader(yaml.SafeLoader):
                 continue
             data[key] = self.construct_object(value_node, deep=False)
             data.key_marks[key] = key_node.start_mark
+            position = _value_position(value_node)
+            if position is not None:
+                data.value_positions[key] = position
 
 
 def _construct_map(loader: _Loader, node: MappingNode) -> Iterator[_Map]:
@@ -158,9 +202,51 @@ def _construct_timestamp(loader: _Loader, node: ScalarNode) -> str:
     return str(loader.construct_scalar(node))
 
 
+def _construct_int(loader: _Loader, node: ScalarNode) -> Any:
+    value = yaml.SafeLoader.construct_yaml_int(loader, node)
+    text = node.value
+    if _LEADING_ZERO.match(text) and text.lstrip("+-").replace("_", "") != "0" * len(
+            text.lstrip("+-").replace("_", "")):
+        return Surprise("octal", text, value)
+    if ":" in text and _BASE_60.match(text):
+        return Surprise("base60", text, value)
+    return value
+
+
+def _construct_float(loader: _Loader, node: ScalarNode) -> Any:
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    if ":" in node.value and _BASE_60.match(node.value):
+        return Surprise("base60", node.value, value)
+    return value
+
+
+def _construct_bool(loader: _Loader, node: ScalarNode) -> Any:
+    value = yaml.SafeLoader.construct_yaml_bool(loader, node)
+    if node.value.lower() in _BOOL_WORDS:
+        return Surprise("bool", node.value, value)
+    return value
+
+
+def _value_position(node: Node) -> ValuePosition | None:
+    if not isinstance(node, ScalarNode) or node.start_mark is None:
+        return None
+    start, end = node.start_mark, node.end_mark
+    quoted = node.style in ("'", '"')
+    exact = False
+    buffer = getattr(start, "buffer", None)
+    if end is not None and start.line == end.line and node.style in (None, "'", '"') \
+            and isinstance(buffer, str):
+        raw = buffer[start.pointer + (1 if quoted else 0):end.pointer - (1 if quoted else 0)]
+        exact = raw == node.value
+    return ValuePosition(start.line + 1, start.column + 1 + (1 if quoted else 0), exact)
+
+
 _Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _construct_timestamp)
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+_Loader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 
 
 class _TooBig(Exception):
@@ -179,6 +265,9 @@ class _Flattener:
         self.count += 1
         if self.count > _MAX_VALUES:
             raise _TooBig
+        if isinstance(value, Surprise):
+            self.doc.surprises[path] = value
+            return value.value
         if isinstance(value, (_Map, _Seq)):
             if id(value) in self.active:
                 line, column = _where(value.mark)
@@ -205,6 +294,8 @@ class _Flattener:
                 mark = value.key_marks.get(key)
                 if mark is not None:
                     self.doc.positions.setdefault(child, (mark.line + 1, mark.column + 1))
+                if key in value.value_positions:
+                    self.doc.value_positions.setdefault(child, value.value_positions[key])
                 out[key] = self.plain(item, child)
             return out
         items: list[Any] = []
@@ -219,10 +310,20 @@ class _Flattener:
 
 def _yaml_error_problem(exc: yaml.YAMLError, text: str) -> YamlProblem:
     if isinstance(exc, MarkedYAMLError):
+        if (exc.context or "").startswith("while scanning a quoted scalar") and \
+                exc.context_mark is not None:
+            line, column = _where(exc.context_mark)
+            return YamlProblem(None, line, column,
+                               f"invalid YAML: unterminated quoted string: the quote opened at "
+                               f"line {line}, column {column} is never closed")
         mark = exc.problem_mark or exc.context_mark
         line, column = _where(mark)
         parts = [part for part in (exc.context, exc.problem) if part]
         message = ", ".join(parts) or "invalid YAML"
+        lines = text.splitlines()
+        if line is not None and 0 < line <= len(lines) and "\t" in lines[line - 1] or \
+                "'\\t'" in (exc.problem or ""):
+            message += " (a tab: YAML does not allow tabs for indentation, use spaces)"
         return YamlProblem(None, line, column, f"invalid YAML: {message}")
     if isinstance(exc, ReaderError):  # a character YAML does not allow
         before = text[:exc.position]

@@ -77,13 +77,19 @@ def json_schema() -> dict[str, Any]:
     defs["EnvReference"] = dict(_REFERENCE)
     properties = generated["properties"]
     properties["version"] = _with_references(properties["version"])
+    # a section written with nothing under it (`pools:`) is null in YAML: the same as absent
+    properties["dns"] = {
+        "description": properties["dns"].get("description", ""),
+        "anyOf": [{"$ref": "#/$defs/DnsConfig"}, {"type": "null"}],
+        "default": None,
+    }
     properties["defaults"] = {
         "description": "Keys applied to every pool; a pool's own keys win.",
-        "$ref": "#/$defs/PoolConfig",
+        "anyOf": [{"$ref": "#/$defs/PoolConfig"}, {"type": "null"}],
     }
     properties["pools"] = {
         "description": "The pools, by name (a letter, then letters, digits, '_', '.', '-').",
-        "type": "object",
+        "type": ["object", "null"],
         "propertyNames": {"pattern": POOL_NAME_PATTERN},
         "additionalProperties": {"$ref": "#/$defs/PoolConfig"},
         "default": {},
@@ -96,6 +102,8 @@ def json_schema() -> dict[str, Any]:
         "type": "object",
         "properties": properties,
         "required": generated.get("required", ["version"]),
+        # top-level x-... keys hold YAML anchors to reuse (as in docker-compose files)
+        "patternProperties": {"^x-": {}},
         "additionalProperties": False,
         "$defs": defs,
     }

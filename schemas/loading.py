@@ -17,7 +17,6 @@ The steps, each collecting problems rather than stopping at the first:
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -27,8 +26,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ._yaml import Path, parse_yaml
-from .dsn import REDACTED, redact_dsn
+from ._yaml import Path, Surprise, ValuePosition, parse_yaml
+from .dsn import REDACTED, dsn_has_password
+from .dsn_check import dsn_issues
 from .errors import ConfigError, Problem
 from .models import (
     ENV_NAME_PATTERN,
@@ -36,12 +36,10 @@ from .models import (
     POOL_KEYS,
     SECRET_KEYS,
     SECRET_SOURCE_KEYS,
-    CrossFieldError,
-    DnsConfig,
-    PoolConfig,
     RegistryConfig,
     fallback_issues,
 )
+from .translate import PydanticErrors, dotted, kind, show
 
 __all__ = ["check_file", "load_config", "load_config_text"]
 
@@ -49,10 +47,10 @@ logger = logging.getLogger("pgregistry.schemas")
 
 _ENV_NAME = re.compile(ENV_NAME_PATTERN)
 _MAX_SECRET_FILE = 64 * 1024
-_TOP_KEYS = tuple(RegistryConfig.model_fields)
-_DNS_KEYS = tuple(DnsConfig.model_fields)
-_POOL_KEYS = tuple(sorted(POOL_KEYS))
-_MAPPING_ERRORS = frozenset({"model_type", "model_attributes_type", "dict_type", "mapping_type"})
+# pool keys that take a boolean: yes/no/on/off are fine there
+_BOOL_KEYS = frozenset({"test_on_borrow", "background_prewarm", "autocommit", "replication"})
+# top-level keys for YAML anchors only (as docker-compose allows): never validated
+_EXTENSION_PREFIX = "x-"
 
 
 def load_config(
@@ -130,63 +128,18 @@ def _read_file(name: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(name, [_file_problem(
-            f"not UTF-8 text (invalid byte at offset {exc.start})")]) from None
+        before = data[:exc.start]
+        line = before.count(b"\n") + 1
+        column = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
+        raise ConfigError(name, [Problem(
+            path="", pool=None, line=line, column=column, value=None,
+            message="not UTF-8 text: an invalid byte here (save the file as UTF-8)")]) from None
 
 
 # -- the loader ----------------------------------------------------------------------------
 
 
-def _dotted(path: Path) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return type(value).__name__
-
-
-def _show(path: Path, value: object) -> str:
-    """A value for display: secrets as ``***``, DSNs redacted, long text shortened."""
-    keys = {part for part in path if isinstance(part, str)}
-    if keys & SECRET_KEYS:
-        return REDACTED
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        if "dsn" in keys:
-            value = redact_dsn(value)
-        text = repr(value)
-        return text if len(text) <= 100 else text[:96] + "...'"
-    if isinstance(value, Mapping):
-        return "{...}"
-    if isinstance(value, (list, tuple)):
-        return "[...]"
-    return f"<{type(value).__name__}>"
-
-
-class _Load:
+class _Load(PydanticErrors):
     """One load: its source, and the problems and positions it collects."""
 
     def __init__(self, source: str, base_dir: FsPath, environ: Mapping[str, str]) -> None:
@@ -194,6 +147,8 @@ class _Load:
         self.base_dir = base_dir
         self.environ = environ
         self.positions: dict[Path, tuple[int, int]] = {}
+        self.value_positions: dict[Path, ValuePosition] = {}
+        self.literal_defaults: dict[Path, list[str]] = {}  # the literals of ${VAR:-literal}
         self.problems: list[Problem] = []
         self.reported: set[Path] = set()  # paths with a problem: later errors there are noise
         self.expanded: set[Path] = set()  # string values that contained ${...}
@@ -232,11 +187,15 @@ class _Load:
         return f" ({'; '.join(notes)})" if notes else ""
 
     def add(self, path: Path, message: str, value: str | None = None,
-            at: Path | None = None) -> None:
+            at: Path | None = None, offset: int | None = None) -> None:
         line, column = self.position(path if at is None else at)
+        if offset is not None or at is not None:
+            where = self.value_positions.get(self.source_path(path if at is None else at))
+            if where is not None:
+                line, column = where.at(offset)
         pool = path[1] if len(path) >= 2 and path[0] == "pools" and isinstance(path[1], str) \
             else None
-        self.problems.append(Problem(path=_dotted(path), pool=pool, line=line, column=column,
+        self.problems.append(Problem(path=dotted(path), pool=pool, line=line, column=column,
                                      value=value, message=message))
         self.reported.add(path)
 
@@ -252,11 +211,12 @@ class _Load:
     def run(self, text: str) -> RegistryConfig:
         doc = parse_yaml(text)
         self.positions = doc.positions
+        self.value_positions = doc.value_positions
         for issue in doc.problems:
             path = issue.path or ()
             pool = path[1] if len(path) >= 2 and path[0] == "pools" and isinstance(
                 path[1], str) else None
-            self.problems.append(Problem(path=_dotted(path), pool=pool, line=issue.line,
+            self.problems.append(Problem(path=dotted(path), pool=pool, line=issue.line,
                                          column=issue.column, value=None,
                                          message=issue.message))
             if issue.value_dropped:
@@ -267,9 +227,14 @@ class _Load:
         root = {} if doc.data is None else doc.data
         if not isinstance(root, dict):
             self.add((), f"the top level must be a mapping (version, dns, defaults, pools), "
-                         f"not {_kind(root)}")
+                         f"not {kind(root)}")
             raise ConfigError(self.source, self.problems)
 
+        root = {key: value for key, value in root.items()
+                if not key.startswith(_EXTENSION_PREFIX)}
+        for path, surprise in doc.surprises.items():
+            if path and not str(path[0]).startswith(_EXTENSION_PREFIX):
+                self.surprise(path, surprise)
         root = self.expand(root, ())
         prepared = dict(root)
         # An absent section and an empty one (`pools:` with nothing under it) are the same;
@@ -290,6 +255,7 @@ class _Load:
             prepared["pools"] = {name: self.merge(name, pool, defaults)
                                  for name, pool in pools.items()}
             self.check_fallbacks(prepared["pools"])
+        self.check_dsns(prepared)
 
         try:
             config = RegistryConfig.model_validate(prepared)
@@ -338,6 +304,8 @@ class _Load:
             referenced = True
             body = text[dollar + 2:close]
             name, has_default, default = body.partition(":-")
+            if has_default and default:
+                self.literal_defaults.setdefault(path, []).append(default)
             if not _ENV_NAME.match(name):
                 self.add(path, f"invalid variable reference at character {dollar + 1}: "
                                "write ${NAME} or ${NAME:-default}, NAME of letters, digits "
@@ -357,6 +325,50 @@ class _Load:
         if referenced:
             self.expanded.add(path)
         return text if failed else "".join(out)
+
+    def surprise(self, path: Path, surprise: Surprise) -> None:
+        """A value YAML 1.1 reads unlike what was meant: an error, but for yes/no/on/off
+        where a boolean is expected."""
+        secret = any(part in SECRET_KEYS for part in path)
+        raw = surprise.raw
+        if surprise.kind == "bool":
+            if path[-1] in _BOOL_KEYS and (path[0] == "defaults" or path[0] == "pools"):
+                return
+            shown = "this value" if secret else repr(raw)
+            message = (f"{shown} is read as a boolean ({str(surprise.value).lower()}) by YAML "
+                       f"1.1; quote it if you mean the text")
+        elif surprise.kind == "octal":
+            decimal = raw.lstrip("+-").replace("_", "").lstrip("0") or "0"
+            message = ("this number has a leading zero: YAML 1.1 reads it as octal and changes "
+                       "its digits; quote it" if secret else
+                       f"{raw} has a leading zero: YAML 1.1 reads it as the octal number "
+                       f"{surprise.value}; write {decimal}, or quote it ('{raw}') for text")
+        else:
+            message = ("this value is a base-60 number in YAML 1.1; quote it" if secret else
+                       f"{raw} is a base-60 number in YAML 1.1 ({surprise.value}); quote it "
+                       f"('{raw}') for text")
+        self.add(path, message, at=path)
+
+    def check_dsns(self, prepared: dict[str, Any]) -> None:
+        """Every dsn parsed and checked key by key (as pool keys), each problem at its place in
+        the string; a dsn a pool inherits is checked once, on defaults."""
+        sections: list[tuple[Path, Any]] = [(("defaults",), prepared.get("defaults"))]
+        pools = prepared.get("pools")
+        if isinstance(pools, dict):
+            sections += [(("pools", name), pool) for name, pool in pools.items()]
+        for path, section in sections:
+            if not isinstance(section, dict) or not isinstance(section.get("dsn"), str):
+                continue
+            dsn_path = (*path, "dsn")
+            if self.source_path(dsn_path) != dsn_path or self.already_reported(dsn_path):
+                continue
+            exact = dsn_path not in self.expanded
+            for issue in dsn_issues(section["dsn"]):
+                shown = None
+                if issue.value is not None:
+                    shown = REDACTED if issue.key in SECRET_KEYS else repr(issue.value)
+                self.add(dsn_path, issue.message, shown, at=dsn_path,
+                         offset=issue.offset if exact else None)
 
     def merge(self, name: str, pool: Any, defaults: dict[str, Any]) -> Any:
         """The pool's settings over the defaults, with its password resolved."""
@@ -447,7 +459,7 @@ class _Load:
                  for name, fallback in fallbacks.items()}
         for issue in fallback_issues(valid):
             self.add(issue.path, issue.message + self.origin_note(issue.path),
-                     _show(issue.path, valid.get(str(issue.path[1]))))
+                     show(issue.path, valid.get(str(issue.path[1]))))
 
     def warn_literal_passwords(self, prepared: dict[str, Any]) -> None:
         """A literal password in the file works, but deserves a warning."""
@@ -456,177 +468,20 @@ class _Load:
         candidates += [("pools", name, "password") for name in pools]
         exposed = _readable_by_others(self.source)
         for path in candidates:
-            if path in self.positions and path not in self.expanded:
+            if path in self.positions and (path not in self.expanded
+                                           or path in self.literal_defaults):
                 line, _ = self.positions[path]
                 logger.warning("%s:%s: %s is a literal password; prefer password_env or "
-                               "password_file%s", self.source, line, _dotted(path), exposed)
+                               "password_file%s", self.source, line, dotted(path), exposed)
         for name, pool in pools.items():  # a password inside a DSN is a literal one too
             dsn = pool.get("dsn") if isinstance(pool, dict) else None
             path = ("pools", name, "dsn")
-            if isinstance(dsn, str) and path not in self.expanded and redact_dsn(dsn) != dsn:
+            literal = dsn_has_password(dsn) if isinstance(dsn, str) else False
+            if path in self.expanded:
+                literal = any(dsn_has_password(text)
+                              for text in self.literal_defaults.get(path, ()))
+            if literal:
                 where = self.positions.get(path)
                 logger.warning("%s:%s: %s holds a literal password; prefer password_env or "
                                "password_file%s", self.source, where[0] if where else "?",
-                               _dotted(path), exposed)
-
-    # -- pydantic errors -----------------------------------------------------------
-
-    def translate(self, exc: ValidationError, prepared: dict[str, Any]) -> None:
-        pools = prepared.get("pools")
-        inherited_anywhere = set().union(*self.inherited.values()) if self.inherited else set()
-        errors = exc.errors(include_url=False)
-        # Keys with a field error, per model: its cross-field checks did not run.
-        broken: dict[Path, set[str]] = {}
-        for error in errors:
-            path, _, _ = self.locate(prepared, error)
-            model = _model_path(path)
-            if model is not None and len(path) > len(model) and isinstance(path[len(model)], str):
-                broken.setdefault(model, set()).add(str(path[len(model)]))
-        error_paths = [self.locate(prepared, error)[0] for error in errors]
-        for error in errors:
-            path, value, found = self.locate(prepared, error)
-            error_type = error["type"]
-            if error_type == "too_short" and any(
-                    len(other) > len(path) and other[:len(path)] == path for other in error_paths):
-                continue  # "too few items" only because some items were refused
-            ctx = error.get("ctx") or {}
-            cause = ctx.get("error")
-            if isinstance(cause, CrossFieldError):
-                self.add_issues(prepared, path, cause)
-                continue
-            if self.already_reported(path):
-                continue
-            if "[key]" in error["loc"]:
-                value = error.get("input")
-            # An error in defaults shows up in every pool that inherits the key; report it
-            # there (naming defaults), and on defaults itself only when no pool uses it.
-            if (len(path) >= 2 and path[0] == "defaults" and path[1] in inherited_anywhere
-                    and isinstance(pools, dict) and error_type != "extra_forbidden"):
-                continue
-            message = self.message(path, error_type, str(error["msg"]), error.get("input"), ctx)
-            shown = _show(path, value) if found and error_type not in (
-                "missing", "extra_forbidden") and error_type not in _MAPPING_ERRORS else None
-            self.add(path, message + self.origin_note(path), shown)
-        for model, keys in broken.items():
-            self.recheck(prepared, model, keys)
-
-    def add_issues(self, prepared: dict[str, Any], path: Path, error: CrossFieldError,
-                   skip: set[str] | None = None) -> None:
-        for issue in error.issues:
-            if skip and skip & {*issue.path[:1], *issue.related}:
-                continue
-            issue_path = (*path, *issue.path)
-            if self.already_reported(issue_path):
-                continue
-            shown = None
-            if issue.path:
-                present, item = _lookup(prepared, issue_path)
-                shown = _show(issue_path, item) if present else None
-            self.add(issue_path, issue.message + self.origin_note(issue_path, issue.related),
-                     shown)
-
-    def recheck(self, prepared: dict[str, Any], model: Path, broken: set[str]) -> None:
-        """Run the cross-field checks of a model whose fields did not all validate, without
-        the broken keys; report the issues that do not involve them."""
-        present, data = _lookup(prepared, model)
-        if not present or not isinstance(data, dict):
-            return
-        cls = DnsConfig if model == ("dns",) else PoolConfig
-        try:
-            cls.model_validate({k: v for k, v in data.items() if k not in broken})
-        except ValidationError as exc:
-            for error in exc.errors(include_url=False):
-                cause = (error.get("ctx") or {}).get("error")
-                if isinstance(cause, CrossFieldError) and not error["loc"]:
-                    self.add_issues(prepared, model, cause, broken)
-
-    def locate(self, prepared: dict[str, Any], error: Any) -> tuple[Path, Any, bool]:
-        """The data path of a pydantic error (its ``loc`` may end in schema tags such as
-        ``[key]`` or a union member), the value there, and whether the value exists."""
-        current: Any = prepared
-        path: list[str | int] = []
-        for part in error["loc"]:
-            present, child = _child(current, part)
-            if not present:
-                if error["type"] == "missing" and isinstance(part, str):
-                    path.append(part)
-                    return tuple(path), None, False
-                break
-            current = child
-            path.append(part)
-        return tuple(path), current, True
-
-    def message(self, path: Path, error_type: str, msg: str, value: object,
-                ctx: Mapping[str, Any]) -> str:
-        key = path[-1] if path else ""
-        if error_type == "missing":
-            return f"missing required key {key!r}"
-        if error_type == "extra_forbidden":
-            return self.unknown_key(path)
-        if error_type in _MAPPING_ERRORS:
-            return f"expected a mapping, not {_kind(value)}"
-        if error_type == "too_short" and isinstance(ctx.get("min_length"), int):
-            count = ctx["min_length"]
-            return f"must have at least {count} item{'s' if count != 1 else ''}"
-        if error_type == "string_pattern_mismatch":
-            if len(path) == 2 and path[0] == "pools":
-                return ("invalid pool name: it must start with a letter and have only letters, "
-                        "digits, '_', '.' and '-' (at most 63 characters)")
-            if key == "password_env":
-                return ("not an environment variable name (letters, digits and '_', not "
-                        "starting with a digit)")
-        if error_type == "value_error" and msg.startswith("Value error, "):
-            return msg[len("Value error, "):]
-        return msg
-
-    def unknown_key(self, path: Path) -> str:
-        key = str(path[-1])
-        parent = path[:-1]
-        if key == "load_balance_hosts":
-            return LOAD_BALANCE_HOSTS_REASON
-        if parent == ():
-            known, where = _TOP_KEYS, "at the top level"
-        elif parent == ("dns",):
-            known, where = _DNS_KEYS, "in dns"
-        elif parent == ("defaults",) or (len(parent) == 2 and parent[0] == "pools"):
-            known, where = _POOL_KEYS, "for a pool"
-        else:
-            known, where = (), "here"
-        message = f"unknown key {key!r} {where}"
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        if close:
-            return f"{message}; did you mean {close[0]!r}?"
-        if parent == () and key in POOL_KEYS:
-            return f"{message}; pool settings go under 'defaults' or under a pool in 'pools'"
-        if parent == () and key in _DNS_KEYS:
-            return f"{message}; resolver settings go under 'dns'"
-        if parent != ("dns",) and key in _DNS_KEYS and key not in POOL_KEYS:
-            return f"{message}; resolver settings go under the top-level 'dns'"
-        return message
-
-
-def _model_path(path: Path) -> Path | None:
-    """The path of the pool or dns model that ``path`` is in."""
-    if len(path) >= 2 and path[0] == "pools":
-        return path[:2]
-    if path[:1] == ("dns",):
-        return ("dns",)
-    return None
-
-
-def _child(data: Any, part: object) -> tuple[bool, Any]:
-    """``data[part]`` for a key of a dict or an index of a list: (found, value)."""
-    if isinstance(data, dict) and isinstance(part, str) and part in data:
-        return True, data[part]
-    if isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
-        return True, data[part]
-    return False, None
-
-
-def _lookup(data: Any, path: Path) -> tuple[bool, Any]:
-    current = data
-    for part in path:
-        present, current = _child(current, part)
-        if not present:
-            return False, None
-    return True, current
+                               dotted(path), exposed)

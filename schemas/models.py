@@ -35,6 +35,7 @@ from pydantic import (
     Field,
     SecretStr,
     SerializerFunctionWrapHandler,
+    WithJsonSchema,
     WrapSerializer,
     field_serializer,
     model_validator,
@@ -261,8 +262,13 @@ Float = Annotated[float, BeforeValidator(_not_bool)]
 NonNegInt = Annotated[int, Field(ge=0), BeforeValidator(_not_bool)]
 NonNegFloat = Annotated[float, Field(ge=0), BeforeValidator(_not_bool)]
 PosFloat = Annotated[float, Field(gt=0), BeforeValidator(_not_bool)]
-Text = Annotated[str, BeforeValidator(_number_to_text)]
-Secret = Annotated[SecretStr, BeforeValidator(_number_to_text)]
+# YAML reads `dbname: 2024` as a number; a text field takes it as text, and says so in its
+# JSON Schema (string or integer), so that editors and `check` agree.
+Text = Annotated[str, BeforeValidator(_number_to_text),
+                 WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]})]
+Secret = Annotated[SecretStr, BeforeValidator(_number_to_text),
+                   WithJsonSchema({"anyOf": [{"type": "string", "format": "password",
+                                              "writeOnly": True}, {"type": "integer"}]})]
 Flag = Annotated[int, Field(ge=0, le=1)]
 PoolName = Annotated[str, Field(pattern=POOL_NAME_PATTERN)]
 EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]

@@ -26,7 +26,7 @@ from pgregistry.schemas import (
     load_config,
     load_config_text,
 )
-from pgregistry.schemas.dsn import dsn_has_password, parse_dsn, redact_dsn
+from pgregistry.schemas.dsn import UNPARSEABLE, dsn_has_password, parse_dsn, redact_dsn
 from pgregistry.schemas.jsonschema import SCHEMA_FILE, json_schema_text
 from pydantic import SecretStr, ValidationError
 
@@ -254,7 +254,8 @@ def test_bad_types_and_ranges(line: str, path: str, message: str) -> None:
     problem = only(fail(f"version: 1\npools:\n  p:\n    host: db\n    {line}\n"))
     assert problem.path == f"pools.p.{path}"
     assert message in problem.message
-    assert (problem.line, problem.column) == (5, 5)
+    # a problem inside a dsn points at its place in the string ("port" at column 19)
+    assert (problem.line, problem.column) == (5, 19 if path == "dsn" else 5)
 
 
 @pytest.mark.parametrize("section, path, message", [
@@ -322,7 +323,7 @@ def test_minconn_above_maxconn_from_defaults_names_both() -> None:
     assert "defaults.maxconn, line 3" in problem.message
 
 
-def test_bad_value_in_defaults_reported_for_each_pool_naming_defaults() -> None:
+def test_bad_value_in_defaults_reported_once_naming_the_pools() -> None:
     err = fail("""\
         version: 1
         defaults:
@@ -332,10 +333,9 @@ def test_bad_value_in_defaults_reported_for_each_pool_naming_defaults() -> None:
           b: {host: db}
           c: {host: db, maxconn: 4}
         """)
-    assert [p.path for p in err.problems] == ["pools.a.maxconn", "pools.b.maxconn"]
-    for problem in err.problems:
-        assert problem.line == 3 and problem.column == 3
-        assert "inherited from defaults.maxconn, line 3" in problem.message
+    problem = only(err)
+    assert problem.path == "defaults.maxconn" and (problem.line, problem.column) == (3, 3)
+    assert "inherited by pools a, b" in problem.message
     # no pool takes it: reported on defaults itself
     problem = only(fail("version: 1\ndefaults:\n  maxconn: 0\n"))
     assert problem.path == "defaults.maxconn" and problem.pool is None
@@ -709,10 +709,13 @@ def test_validation_errors_of_direct_construction_hide_input() -> None:
 
 def test_dsn_helpers() -> None:
     assert redact_dsn("postgresql://app:pw@db:5432/app") == "postgresql://app:***@db:5432/app"
-    assert redact_dsn("postgres://app:p@ss/w@db/app") == "postgres://app:***@db/app"
+    # redaction works on the parsed structure: a string that does not parse is not shown
+    for broken in ("postgres://app:p@ss/w@db/app", "host=db password=a b", "postgresql://u:%zz@h",
+                   "host=db password='a"):
+        assert redact_dsn(broken) == UNPARSEABLE
     assert redact_dsn("postgresql://app@db/app?password=pw&sslmode=require") == (
         "postgresql://app@db/app?password=***&sslmode=require")
-    assert redact_dsn("host=db password='a b\\' c' user=x") == "host=db password=*** user=x"
+    assert redact_dsn("host=db password='a b\\' c' user=x") == "host=db password='***' user=x"
     assert redact_dsn("host=db sslpassword = pw") == "host=db sslpassword = ***"
     assert redact_dsn("host=db user=password") == "host=db user=password"
     assert parse_dsn("host=db port = 5432 options='-c a=b'") == {
