@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@bash .ci/setup-system
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev,bench]'
+	$(PY) -m pip install -q -e '.[test,dev,bench,aws]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -10,6 +10,7 @@ next address is tried while the caller's budget lasts. It never logs or shows a 
 
 from __future__ import annotations
 
+import getpass
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ import psycopg2.extensions
 
 from .addresses import Address, AddressBook
 from .clock import REAL_CLOCK, Clock
+from .credentials import Credentials, PasswordProvider
 from .resolver import DnsSettings, HostResolver, ResolutionError, is_ip_literal, is_socket_path
 
 __all__ = [
@@ -186,6 +188,8 @@ class Connector:
         **connect_kwargs: Any,
     ) -> None:
         self.name = name
+        password_file = connect_kwargs.pop("password_file", None)
+        password_provider = connect_kwargs.pop("password_provider", None)
         extra = {k: connect_kwargs.pop(k) for k in list(connect_kwargs) if k in _PSYCOPG_KEYS}
         if "async_" in connect_kwargs or "async" in connect_kwargs:
             raise ValueError("asynchronous connections cannot be pooled")
@@ -204,6 +208,9 @@ class Connector:
         self.target_session_attrs = tsa
         self.targets = parse_targets(self.params)
         self._base = {k: v for k, v in self.params.items() if k not in _PER_ATTEMPT}
+        self.credentials = Credentials()
+        self.set_credentials(password=self._base.pop("password", None),
+                             password_file=password_file, password_provider=password_provider)
         self._factory_kwargs = {k: v for k, v in extra.items() if v is not None}
         self.clock = clock
         self._dns = dns
@@ -217,6 +224,34 @@ class Connector:
             if not t.needs_dns:
                 self.book.sync(t.host, t.port, [t.hostaddr or (t.host if is_ip_literal(t.host)
                                                                 else None)])
+
+    def set_credentials(
+        self,
+        *,
+        password: str | None = None,
+        password_file: str | os.PathLike[str] | None = None,
+        password_provider: PasswordProvider | str | None = None,
+    ) -> None:
+        """Where the password of each new connection comes from, from now on (open
+        connections are not touched). At most one source; raises ``ValueError`` otherwise, and
+        what :class:`~pgregistry.pools.credentials.Credentials` raises for a bad provider."""
+        self.credentials = Credentials(password=password, password_file=password_file,
+                                       password_provider=password_provider)
+        self._base.pop("password", None)
+        if password is not None:
+            self.params["password"] = password
+        else:
+            self.params.pop("password", None)
+
+    def _user(self) -> str | None:
+        """The user a connection logs in as (libpq's defaults: PGUSER, then the OS user)."""
+        user = self.params.get("user") or os.environ.get("PGUSER")
+        if user:
+            return user
+        try:
+            return getpass.getuser()
+        except Exception:  # no name for this uid
+            return None
 
     @property
     def resolver(self) -> HostResolver:
@@ -341,8 +376,11 @@ class Connector:
                         break  # the budget is spent; at least one address was tried
                     budget_s = max(1, math.ceil(remaining))
                     timeout_s = min(timeout_s, budget_s) if timeout_s else budget_s
+                password = self.credentials.password_for(a.host, int(a.port), self._user())
                 self.book.reserve(a)
                 kw = dict(self._base)
+                if password is not None:
+                    kw["password"] = password
                 kw["port"] = a.port
                 if timeout_s:
                     kw["connect_timeout"] = str(int(timeout_s))

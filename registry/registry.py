@@ -33,6 +33,7 @@ from .pools import (
     get_supervisor,
 )
 from .pools.clock import Clock
+from .pools.credentials import Credentials
 from .pools.listener import Listener
 from .pools.pool import READ_ONLY_SQLSTATE
 from .reload import ReloadResult, plan_reload
@@ -188,6 +189,8 @@ class Registry:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self._path = Path(path) if path is not None else None
+        # relative password_file paths are read from the YAML file's folder
+        self._base_dir = str(self._path.resolve().parent) if self._path is not None else None
         self._environ = environ
         self._supervisor = supervisor or get_supervisor()
         self._clock = clock
@@ -451,8 +454,27 @@ class Registry:
             self._reload_failed(exc)
             raise
         dns = config.dns_settings()
+        credentials = {}
+        for name in plan.retuned:  # a provider that cannot be loaded changes nothing
+            creds = config.pools[name].credentials(self._base_dir)
+            if creds != old.config.pools[name].credentials(self._base_dir):
+                try:
+                    credentials[name] = Credentials(**creds)
+                except (ValueError, TypeError, ImportError, AttributeError) as exc:
+                    problem = Problem(path=f"pools.{name}", pool=name, line=None, column=None,
+                                      value=None, message=str(exc))
+                    error = ConfigError(str(self._path) if self._path else None, [problem])
+                    for pool in built.values():
+                        pool.close()
+                    self._reload_failed(error)
+                    raise error from None
         for name in plan.retuned:
             pool = old.pools[name]
+            if name in credentials:
+                # new connections get their password from the new source; open ones stay
+                pool._connector.credentials = credentials[name]
+                logger.info("pool %s: credentials now from %s", name,
+                            credentials[name].describe())
             before, after = old.config.pools[name], config.pools[name]
             if before.live() != after.live():
                 pool.retune(**{k: v for k, v in after.live().items()
@@ -542,9 +564,9 @@ class Registry:
             try:
                 built[name] = ConnectionPool(
                     name=name, dns=dns, supervisor=self._supervisor, clock=self._clock,
-                    **pc.pool_kwargs(),
+                    **pc.pool_kwargs(self._base_dir),
                 )
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, ImportError, AttributeError) as exc:
                 problems.append(Problem(path=f"pools.{name}", pool=name, line=None,
                                         column=None, value=None, message=str(exc)))
         if problems:

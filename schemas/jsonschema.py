@@ -39,7 +39,8 @@ _REFERENCE = {
 _ANNOTATIONS = ("title", "description", "default", "examples", "deprecated")
 _POOL_DESCRIPTION = (
     "Settings of one pool: ConnectionPool keywords, libpq connection parameters (or a dsn), "
-    "and at most one password source (password_env, password_file or, discouraged, password)."
+    "and at most one password source (password_env, password_file, password_provider or, "
+    "discouraged, password)."
 )
 
 

@@ -392,8 +392,9 @@ class _Load(PydanticErrors):
     def resolve_secret(self, path: Path, pool: dict[str, Any]) -> None:
         sources = [key for key in SECRET_SOURCE_KEYS if pool.get(key) is not None]
         if len(sources) > 1:
-            self.add((*path, sources[1]), f"set only one of password, password_env and "
-                                          f"password_file (this pool has {sources[0]} and "
+            self.add((*path, sources[1]), f"set only one of password, password_env, "
+                                          f"password_file and password_provider (this pool "
+                                          f"has {sources[0]} and "
                                           f"{sources[1]})" + self.origin_note(
                                               (*path, sources[1]), sources[:1]))
             return

@@ -45,6 +45,7 @@ from .dsn import DsnError, dsn_has_password, parse_dsn, redact_dsn
 
 __all__ = [
     "ConfigModel",
+    "CREDENTIAL_KEYS",
     "CrossFieldError",
     "DnsConfig",
     "ENV_NAME_PATTERN",
@@ -104,7 +105,14 @@ LIBPQ_PARAMETERS = frozenset({
 SECRET_KEYS = frozenset({"password", "sslpassword"})
 
 #: Where a pool's password comes from; at most one of them per pool.
-SECRET_SOURCE_KEYS = ("password", "password_env", "password_file")
+SECRET_SOURCE_KEYS = ("password", "password_env", "password_file", "password_provider")
+
+#: Where new connections get their password: not connection identity. Changing only these on
+#: reload retunes the running pool in place (its open connections stay).
+CREDENTIAL_KEYS = frozenset(SECRET_SOURCE_KEYS)
+
+PROVIDER_PATTERN = (r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+                    r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 #: Every key a pool (or ``defaults``) may have.
 POOL_KEYS = POOL_KEYWORDS | LIBPQ_PARAMETERS | {"dsn", *SECRET_SOURCE_KEYS}
@@ -431,7 +439,13 @@ class _PoolFields(ConfigModel):
     password_file: Annotated[str, Field(min_length=1)] | None = Field(
         default=None,
         description="File holding the password (one trailing newline is dropped); relative "
-                    "to the YAML file's directory.")
+                    "to the YAML file's directory. Read again for every new connection, so a "
+                    "rotated secret is used by the next connect.")
+    password_provider: Annotated[str, Field(pattern=PROVIDER_PATTERN)] | None = Field(
+        default=None,
+        description="'package.module:function' called for every new connection as "
+                    "function(host=..., port=..., user=...), returning the password (e.g. "
+                    "the IAM token provider of the aws extra, for Aurora IAM authentication).")
 
     # -- connection ----------------------------------------------------------------------
     dsn: Dsn | None = Field(
@@ -551,11 +565,11 @@ class PoolConfig(_PoolFields):
             raise CrossFieldError(issues)
         return self
 
-    def pool_kwargs(self) -> dict[str, Any]:
+    def pool_kwargs(self, base_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Keyword arguments for ``ConnectionPool``: every pool keyword (but ``fallback``, which
-        is the registry's), ``dsn``, every libpq parameter that is set, and ``password`` in
-        clear. Never ``password_env``/``password_file``."""
-        kwargs: dict[str, Any] = {}
+        is the registry's), ``dsn``, every libpq parameter that is set, and the credential
+        source (:meth:`credentials`, relative to ``base_dir``). Never ``password_env``."""
+        kwargs: dict[str, Any] = self.credentials(base_dir)
         for name in type(self).model_fields:
             value = getattr(self, name)
             if name in POOL_KEYWORDS:
@@ -563,18 +577,36 @@ class PoolConfig(_PoolFields):
                     kwargs[name] = value
             elif name == "dsn":
                 kwargs[name] = value
-            elif (name in LIBPQ_PARAMETERS or name == "password") and value is not None:
+            elif name in LIBPQ_PARAMETERS and value is not None:
                 kwargs[name] = (value.get_secret_value() if isinstance(value, SecretStr)
                                 else value)
         return kwargs
 
+    def credentials(self, base_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Where new connections get their password, as ``ConnectionPool`` keywords: one of
+        ``password_file`` (read again per connection; a relative path is joined to
+        ``base_dir``, the YAML file's folder, as the loader read it), ``password_provider``
+        (its spec), or ``password`` in clear (from ``password``/``password_env``); empty when
+        none is set. Pure: no file is read."""
+        if self.password_provider is not None:
+            return {"password_provider": self.password_provider}
+        if self.password_file is not None:
+            path = os.path.expanduser(self.password_file)
+            if base_dir is not None and not os.path.isabs(path):
+                path = os.path.join(os.fspath(base_dir), path)
+            return {"password_file": path}
+        if self.password is not None:
+            return {"password": self.password.get_secret_value()}
+        return {}
+
     def identity(self) -> tuple[tuple[str, Any], ...]:
-        """What the pool's connections are: every field but the live keywords, with secrets
-        (the password, whatever its source, and a DSN's) as keyed fingerprints. Two configs
-        with equal identities open the same connections; safe to log."""
+        """What the pool's connections are: every field but the live keywords and the
+        credential source (:data:`CREDENTIAL_KEYS`: changed in place), with secrets (an
+        ``sslpassword``, a DSN's password) as keyed fingerprints. Two configs with equal
+        identities open the same connections; safe to log."""
         items: list[tuple[str, Any]] = []
         for name in type(self).model_fields:
-            if name in LIVE_KEYWORDS:
+            if name in LIVE_KEYWORDS or name in CREDENTIAL_KEYS:
                 continue
             value = getattr(self, name)
             if isinstance(value, SecretStr):
@@ -654,12 +686,17 @@ def pool_issues(pool: _PoolFields) -> list[Issue]:
                             f"reconnect_backoff_max ({pool.reconnect_backoff_max:g}) is less "
                             f"than reconnect_backoff ({pool.reconnect_backoff:g})",
                             ("reconnect_backoff",)))
-    if pool.password_env is not None and pool.password_file is not None:
-        issues.append(Issue(("password_file",), "set only one of password, password_env and "
-                                                "password_file", ("password_env",)))
-    if pool.dsn is not None and pool.password is not None and dsn_has_password(pool.dsn):
+    sources = [key for key in ("password_env", "password_file", "password_provider")
+               if getattr(pool, key) is not None]
+    if len(sources) > 1:
+        issues.append(Issue((sources[1],), "set only one of password, password_env, "
+                                           "password_file and password_provider",
+                            (sources[0],)))
+    has_secret = pool.password is not None or pool.password_provider is not None
+    if pool.dsn is not None and has_secret and dsn_has_password(pool.dsn):
         source = ("password_env" if pool.password_env is not None else
-                  "password_file" if pool.password_file is not None else "password")
+                  "password_file" if pool.password_file is not None else
+                  "password_provider" if pool.password_provider is not None else "password")
         issues.append(Issue((source,), f"two passwords: the dsn has one and {source} gives "
                                        "another; keep one", ("dsn",)))
     if pool.host is not None and pool.port is not None:

@@ -499,7 +499,8 @@ def test_two_secret_sources() -> None:
     problem = only(fail(POOL.join(["version: 1\n",
                                    "    password_env: PGPASSWORD\n    password_file: x\n"])))
     assert problem.path == "pools.p.password_file"
-    assert "only one of password, password_env and password_file" in problem.message
+    assert "only one of password, password_env, password_file and password_provider" in (
+        problem.message)
     # a pool's own source replaces the defaults' one
     config = load("version: 1\ndefaults:\n  password_file: nowhere\n"
                   + POOL + "    password_env: PGPASSWORD\n")
@@ -770,7 +771,7 @@ def test_identity_and_live() -> None:
     base = _pool(password=SENTINEL, maxconn=5)
     assert base.identity() == _pool(password=SENTINEL, maxconn=5).identity()
     hash(base.identity())
-    for change in [dict(host="other"), dict(password="two"), dict(dsn="dbname=x"),
+    for change in [dict(host="other"), dict(dsn="dbname=x"),
                    dict(sslmode="require"), dict(role="reader"), dict(autocommit=True),
                    dict(port=5433)]:
         assert _pool(**{"password": SENTINEL, "maxconn": 5, **change}).identity() \
@@ -784,6 +785,16 @@ def test_identity_and_live() -> None:
         dsn="postgresql://u:b@h/d").identity()
     assert set(base.live()) == LIVE_KEYWORDS and base.live()["maxconn"] == 5
     assert SENTINEL not in repr(base.identity())
+    # the credential source is not identity: a running pool takes a new one in place
+    for change in [dict(password="two"), dict(password=None, password_file="/run/pw"),
+                   dict(password=None, password_provider="mod.sub:make_token")]:
+        changed = _pool(**{"password": SENTINEL, "maxconn": 5, **change})
+        assert changed.identity() == base.identity(), change
+        assert changed.credentials() != base.credentials()
+    assert base.credentials() == {"password": SENTINEL}
+    assert _pool(password_file="pw.txt").credentials("/etc/app") == {
+        "password_file": "/etc/app/pw.txt"}
+    assert _pool(password_provider="m:f").pool_kwargs()["password_provider"] == "m:f"
 
 
 def test_keyword_sets() -> None:
@@ -792,7 +803,7 @@ def test_keyword_sets() -> None:
     assert {"autocommit", "role", "query_timeout"} == POOL_KEYWORDS - LIVE_KEYWORDS
     assert not POOL_KEYWORDS & LIBPQ_PARAMETERS
     assert set(PoolConfig.model_fields) == POOL_KEYWORDS | LIBPQ_PARAMETERS | {
-        "dsn", "password", "password_env", "password_file"}
+        "dsn", "password", "password_env", "password_file", "password_provider"}
     assert "load_balance_hosts" not in LIBPQ_PARAMETERS
     assert {"password", "sslpassword"} == schemas.SECRET_KEYS
 
