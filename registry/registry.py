@@ -39,6 +39,7 @@ from .pools.pool import READ_ONLY_SQLSTATE
 from .reload import ReloadResult, plan_reload
 from .schemas import ConfigError, PoolConfig, RegistryConfig, load_config
 from .schemas.errors import Problem
+from .signals import can_install_sighup as _sighup_unavailable
 from .signals import install_sighup
 
 __all__ = ["Registry", "PoolHandle", "UnknownPoolError"]
@@ -236,13 +237,27 @@ class Registry:
         environ: Mapping[str, str] | None = None,
     ) -> Registry:
         """Validate the file, build a pool per entry and register them with the supervisor.
-        Reloads on SIGHUP by default when called from the main thread (``install_sighup``)."""
+
+        ``install_sighup``: ``True`` reloads on SIGHUP and raises ``RuntimeError`` before
+        anything is built when that is impossible (not the main thread: Python's rule);
+        ``None`` (default) reloads on SIGHUP when called from the main thread, and otherwise
+        logs a warning that SIGHUP is not handled (call :meth:`reload` instead); ``False``
+        leaves SIGHUP alone. Raises :class:`ConfigError` for a file it refuses."""
+        reason = _sighup_unavailable()
+        if install_sighup and reason is not None:
+            raise RuntimeError(f"install_sighup=True: {reason}; build the registry on the main "
+                               "thread, or pass install_sighup=False and call reload() yourself")
         config = load_config(path, environ=environ)
         reg = cls(config, path=path, supervisor=supervisor, clock=clock, environ=environ)
-        if install_sighup is None:
-            install_sighup = threading.current_thread() is threading.main_thread()
-        if install_sighup:
-            reg.install_sighup()
+        if install_sighup is None and reason is not None:
+            logger.warning("registry %s: SIGHUP is not handled (%s): call reload() to re-read "
+                           "the file, or build the registry on the main thread", path, reason)
+        elif install_sighup is not False:
+            try:
+                reg.install_sighup()
+            except BaseException:
+                reg.close()
+                raise
         return reg
 
     # -- using pools ------------------------------------------------------------------------
