@@ -843,7 +843,10 @@ def test_json_schema_shape() -> None:
     assert schema["required"] == ["version"]
     pools = schema["properties"]["pools"]
     assert pools["additionalProperties"] == {"$ref": "#/$defs/PoolConfig"}
-    assert schema["properties"]["defaults"]["$ref"] == "#/$defs/PoolConfig"
+    # a section written empty is null in YAML, as good as absent (check and schema agree)
+    assert schema["properties"]["defaults"]["anyOf"] == [{"$ref": "#/$defs/PoolConfig"},
+                                                         {"type": "null"}]
+    assert schema["patternProperties"] == {"^x-": {}}  # anchor blocks
     pool = schema["$defs"]["PoolConfig"]
     assert pool["additionalProperties"] is False
     assert set(pool["properties"]) == set(PoolConfig.model_fields)
