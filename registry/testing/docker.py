@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import psycopg2
 import psycopg2.extensions
 
-from .cluster import SqlClientMixin
+from .servers import SqlClientMixin
 
 __all__ = ["BACKEND_ENV", "ContainerServer", "docker_available"]
 

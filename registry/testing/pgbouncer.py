@@ -33,20 +33,18 @@ from typing import IO, Any
 import psycopg2
 import psycopg2.extensions
 
-from .cluster import (
+from .processes import (
     PG_USER,
     POLL_INTERVAL,
     READY_TIMEOUT,
     HarnessError,
-    Params,
-    PgServer,
-    Rows,
     ServerStartError,
     _make_dir,
     base_dir,
     free_port,
     spawn_logged,
 )
+from .servers import Params, PgServer, Rows
 
 __all__ = ["PgBouncer", "find_pgbouncer"]
 
