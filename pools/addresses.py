@@ -112,13 +112,25 @@ class AddressBook:
                     a.active = True
                     added.append(label)
             old = self._by_host.get((host, port), [])
-            removed = [lb for lb in old if lb not in labels]
+            # an address another name still lists stays (two names, one server)
+            elsewhere = {lb for key, lbs in self._by_host.items() if key != (host, port)
+                         for lb in lbs}
+            removed = [lb for lb in old if lb not in labels and lb not in elsewhere]
+            for lb in old:
+                a = self._by_label.get(lb)
+                if lb not in labels and lb in elsewhere and a is not None and a.host == host:
+                    # reached under another name from now on (host= for TLS and pg_hba)
+                    a.host = next(k[0] for k, lbs in self._by_host.items()
+                                  if k != (host, port) and lb in lbs)
             for lb in removed:
                 a = self._by_label[lb]
                 a.active = False
                 if a.load == 0:
                     del self._by_label[lb]
-            self._by_host[(host, port)] = labels
+            if labels:
+                self._by_host[(host, port)] = labels
+            else:
+                self._by_host.pop((host, port), None)
         return added, removed
 
     def get(self, label: str) -> Address | None:

@@ -16,7 +16,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,13 @@ from .addresses import Address, AddressBook
 from .clock import REAL_CLOCK, Clock
 from .credentials import Credentials, PasswordProvider
 from .resolver import DnsSettings, HostResolver, ResolutionError, is_ip_literal, is_socket_path
+from .topology import (
+    ClusterTopology,
+    check_instance_host_pattern,
+    derive_instance_host_pattern,
+    resolve_discovery,
+    shared_topology,
+)
 
 __all__ = [
     "Connector",
@@ -185,6 +193,10 @@ class Connector:
         ban_max: float = 60.0,
         rng: random.Random | None = None,
         name: str = "",
+        role: str | None = None,
+        discovery: str = "auto",
+        instance_host_pattern: str | None = None,
+        topology_refresh_interval: float = 30.0,
         **connect_kwargs: Any,
     ) -> None:
         self.name = name
@@ -224,6 +236,17 @@ class Connector:
             if not t.needs_dns:
                 self.book.sync(t.host, t.port, [t.hostaddr or (t.host if is_ip_literal(t.host)
                                                                 else None)])
+        self.role = role or _role_of(tsa)
+        # discovery: where the members (the hosts to resolve and connect to) come from
+        self._synced: set[tuple[str, str]] = set()  # names whose addresses are in the book
+        self._skipped: dict[str, float] = {}  # instance endpoints that did not resolve: until
+        self._warned: set[str] = set()
+        self.members_from = "dns"
+        self.topology: ClusterTopology | None = None
+        self._topology_seen = -1
+        self._topology_sub: int | None = None
+        self.discovery = self._setup_discovery(discovery, instance_host_pattern,
+                                               topology_refresh_interval)
 
     def set_credentials(
         self,
@@ -278,64 +301,228 @@ class Connector:
     def __repr__(self) -> str:
         return f"Connector({self.describe()})"
 
+    # -- discovery --------------------------------------------------------------------------
+
+    def _setup_discovery(self, discovery: str, pattern: str | None,
+                         refresh_interval_s: float) -> str:
+        """Resolve ``auto`` and, for ``aurora``, join the cluster's shared topology."""
+        if refresh_interval_s <= 0:
+            raise ValueError(f"topology_refresh_interval must be > 0 seconds, "
+                             f"got {refresh_interval_s!r}")
+        named = [t for t in self.targets if t.needs_dns]
+        host = named[0].host if len(self.targets) == 1 and named else ""
+        mode = resolve_discovery(discovery, host)
+        if mode != "aurora":
+            return mode
+        if not host:
+            raise ValueError(
+                "discovery: aurora needs one host name (the cluster's writer or reader "
+                f"endpoint), got {self.host_label!r}"
+            )
+        if pattern is None:
+            pattern = derive_instance_host_pattern(host)
+            if pattern is None:
+                raise ValueError(
+                    f"discovery: aurora with host {host!r} (not an RDS endpoint name) needs "
+                    "instance_host_pattern: an instance endpoint with '?' for the instance id, "
+                    "e.g. '?.cluster-id.region.rds.amazonaws.com'"
+                )
+        self.topology = shared_topology(check_instance_host_pattern(pattern),
+                                        self.targets[0].port, self.clock)
+        self._topology_sub = self.topology.subscribe(_no_wake, refresh_interval_s)
+        weakref.finalize(self, self.topology.unsubscribe, self._topology_sub)
+        return mode
+
+    def set_wake(self, wake: Callable[[], None], refresh_interval_s: float | None = None) -> None:
+        """How the topology asks this connector's pool to look again (its supervisor task)."""
+        topo = self.topology
+        if topo is None:
+            return
+        if self._topology_sub is not None:
+            topo.unsubscribe(self._topology_sub)
+        interval = refresh_interval_s or topo.refresh_interval_s
+        self._topology_sub = topo.subscribe(wake, interval)
+
+    def close(self) -> None:
+        """Leave the shared topology (the pool closed)."""
+        if self.topology is not None and self._topology_sub is not None:
+            self.topology.unsubscribe(self._topology_sub)
+            self._topology_sub = None
+
+    def _members(self) -> tuple[list[Target], str]:
+        """The hosts connections go to, and where they come from (``topology`` or ``dns``)."""
+        topo = self.topology
+        if topo is None or topo.unavailable is not None:
+            return self.targets, "dns"
+        snap = topo.snapshot
+        if snap is None:
+            return self.targets, "dns"
+        port = self.targets[0].port
+        return [Target(i.host, port) for i in snap.for_role(self.role)], "topology"
+
+    def _probe(self, host: str) -> psycopg2.extensions.connection:
+        """A short-lived connection to ``host`` (resolved as the pool resolves), for the
+        topology query: autocommit, ``connect_timeout`` at most 2 s."""
+        ips = [host] if is_ip_literal(host) else list(self.resolver.addresses(host))
+        last: BaseException | None = None
+        for ip in ips:
+            kw = dict(self._base)
+            kw.update(host=host, hostaddr=ip, port=self.targets[0].port,
+                      connect_timeout=str(min(self.connect_timeout or 2, 2)))
+            try:
+                conn = psycopg2.connect(**kw)
+            except psycopg2.OperationalError as exc:
+                last = exc
+                continue
+            conn.autocommit = True
+            return conn
+        raise last or ConnectionError(f"{host}: no address")
+
+    def _maybe_refresh_topology(self, now: float) -> None:
+        if self.topology is not None:
+            self.topology.maybe_refresh(now, self._probe, [t.host for t in self.targets])
+
     # -- addresses --------------------------------------------------------------------------
 
     def sync(self) -> list[ResolutionError]:
-        """Bring the address book in line with the resolver's answers (from its cache; a name
-        never resolved is queried now). Returns the names that could not be resolved."""
+        """Bring the address book in line with the members (the topology's instances, or the
+        resolver's answers for the configured names; from the cache, a name never resolved is
+        queried now). Returns the names that could not be resolved."""
+        members, source = self._members()
+        if self.topology is not None:
+            self._topology_seen = self.topology.version
+        now = self.clock.monotonic()
         errors: list[ResolutionError] = []
         unresolved: set[tuple[str, str]] = set()
+        wanted: dict[tuple[str, str], tuple[str | None, ...]] = {}
+        for t in members:
+            if not t.needs_dns:
+                continue
+            if source == "topology" and self._skipped.get(t.host, -math.inf) > now:
+                continue
+            try:
+                wanted[(t.host, t.port)] = self.resolver.addresses(t.host)
+            except ResolutionError as exc:
+                if source == "topology":  # an instance id with no DNS record: skip it
+                    self._skip_instance(t.host, now, exc)
+                    continue
+                errors.append(exc)
+                unresolved.add((t.host, t.port))
+        if source == "topology" and not wanted and members:
+            self._warn_once(
+                "no_instance_resolves",
+                "pool %s: no instance endpoint of the topology resolves (instance_host_pattern "
+                "%s): using DNS discovery of %s", self.name,
+                self.topology.pattern if self.topology else "?", self.host_label,
+            )
+            return self._sync_dns_only()
+        if source != self.members_from:
+            logger.info("pool %s: members from %s (%s)", self.name, source,
+                        ", ".join(h for h, _ in wanted) or self.host_label)
+            self.members_from = source
+        self._apply(wanted, unresolved)
+        return errors
+
+    def _sync_dns_only(self) -> list[ResolutionError]:
+        errors: list[ResolutionError] = []
+        unresolved: set[tuple[str, str]] = set()
+        wanted: dict[tuple[str, str], tuple[str | None, ...]] = {}
         for t in self.targets:
             if not t.needs_dns:
                 continue
             try:
-                ips = self.resolver.addresses(t.host)
+                wanted[(t.host, t.port)] = self.resolver.addresses(t.host)
             except ResolutionError as exc:
                 errors.append(exc)
                 unresolved.add((t.host, t.port))
-                continue
-            _, removed = self.book.sync(t.host, t.port, ips)
-            if removed:
-                self._removed.extend(removed)
+        self.members_from = "dns"
+        self._apply(wanted, unresolved)
+        return errors
+
+    def _apply(self, wanted: Mapping[tuple[str, str], tuple[str | None, ...]],
+               unresolved: set[tuple[str, str]]) -> None:
+        for (host, port), ips in wanted.items():
+            _, removed = self.book.sync(host, port, ips)
+            self._removed.extend(removed)
+        for host, port in self._synced - set(wanted) - unresolved:
+            _, removed = self.book.sync(host, port, [])  # a member that left
+            self._removed.extend(removed)
+        self._synced = set(wanted) | unresolved
         # A name whose answer cannot be served (failed, past its grace) gets no new
         # connections: its open ones stay (DNS trouble is not database trouble).
         self._unresolved = unresolved
-        return errors
+
+    def _skip_instance(self, host: str, now: float, exc: ResolutionError) -> None:
+        interval = self.topology.refresh_interval_s if self.topology else 30.0
+        self._skipped[host] = now + interval
+        self._warn_once(
+            f"unresolved:{host}",
+            "pool %s: the topology names %s, which does not resolve (%s): skipped; "
+            "check instance_host_pattern", self.name, host, exc.answer,
+        )
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
+    def _names(self) -> set[str]:
+        return {h.lower() for h, _ in self._synced if not is_ip_literal(h)} | {
+            t.host.lower() for t in self.targets if t.needs_dns}
 
     def refresh_due(self) -> float | None:
-        """When the resolver next wants to refresh one of this connector's names."""
-        names = {t.host.lower() for t in self.targets if t.needs_dns}
-        if not names or self._resolver is None:
-            return None
-        dues = [a.refresh_at for n, a in self.resolver.answers().items() if n in names]
+        """When the resolver next wants to refresh one of this connector's names, or the
+        topology wants refreshing (at once when it changed since the last sync)."""
+        dues: list[float] = []
+        if self.topology is not None:
+            if self.topology.version != self._topology_seen:
+                return -math.inf
+            dues.append(self.topology.due())
+        names = self._names()
+        if names and self._resolver is not None:
+            dues += [a.refresh_at for n, a in self.resolver.answers().items() if n in names]
         return min(dues) if dues else None
 
     def refresh(self, now: float) -> None:
-        """Refresh the names whose answers are due (the supervisor calls this), then sync."""
-        due = set(self.resolver.due_names(now))
-        for t in self.targets:
-            if t.needs_dns and t.host.lower() in due:
-                due.discard(t.host.lower())
-                try:
-                    self.resolver.refresh(t.host)
-                except ResolutionError as exc:
-                    logger.warning("pool %s: %s", self.name, exc)
+        """Refresh what is due (the supervisor calls this): start a topology refresh (in a
+        worker), refresh due names, then sync."""
+        self._maybe_refresh_topology(now)
+        due = set(self.resolver.due_names(now)) & self._names()
+        for name in due:
+            try:
+                self.resolver.refresh(name)
+            except ResolutionError as exc:
+                logger.warning("pool %s: %s", self.name, exc)
         self.sync()
 
     def refresh_soon(self, force: bool = False) -> bool:
         """Make this connector's names due for a refresh now (at most once a second unless
-        ``force``). Returns whether anything was marked."""
+        ``force``); with a topology, refresh it now (a writer pool: hunt for a new writer).
+        Returns whether anything was marked."""
         now = self.clock.monotonic()
+        if self.topology is not None:
+            if self.role == "writer":
+                self.topology.writer_gone(now)
+            else:
+                self.topology.request(now)
+            self._maybe_refresh_topology(now)
         if not force and now - self._last_forced < 1.0:
-            return False
+            return self.topology is not None
         self._last_forced = now
-        names = {t.host for t in self.targets if t.needs_dns}
+        names = self._names()
         for name in names:
             self.resolver.expedite(name, now)
-        return bool(names)
+        return bool(names) or self.topology is not None
+
+    def discovery_stats(self) -> dict[str, Any]:
+        """``discovery``, where the members come from, and the shared topology's state."""
+        out: dict[str, Any] = {"discovery": self.discovery, "members_from": self.members_from}
+        if self.topology is not None:
+            out["topology"] = self.topology.stats()
+        return out
 
     def all_banned(self, now: float) -> bool:
-        if any(t.needs_dns for t in self.targets):
+        if any(t.needs_dns for t in self.targets) or self.topology is not None:
             self.sync()  # learn the addresses if nothing connected yet
         return self.book.all_banned(now)
 
@@ -417,6 +604,22 @@ class Connector:
                     self.book.unreserve(a)
                     raise
                 self.book.opened(a)
+                if self.topology is not None and self.role == "writer" \
+                        and self.members_from == "topology":
+                    self.topology.writer_confirmed(a.host)
                 return conn, a
         err = ConnectFailed(self.host_label, attempts, resolution)
         raise err from last
+
+
+def _role_of(target_session_attrs: str) -> str:
+    """The role a pool plays for discovery when it was not told: from its session attrs."""
+    if target_session_attrs in ("read-write", "primary"):
+        return "writer"
+    if target_session_attrs in ("read-only", "standby", "prefer-standby"):
+        return "reader"
+    return "any"
+
+
+def _no_wake() -> None:
+    """The wake of a connector whose pool did not give one: maintenance polls instead."""
