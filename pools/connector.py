@@ -370,7 +370,8 @@ class Connector:
             kw.update(host=host, hostaddr=ip, port=self.targets[0].port,
                       connect_timeout=str(min(self.connect_timeout or 2, 2)))
             try:
-                conn = psycopg2.connect(**kw)
+                conn: psycopg2.extensions.connection = psycopg2.connect(
+                    psycopg2.extensions.make_dsn(**kw))
             except psycopg2.OperationalError as exc:
                 last = exc
                 continue

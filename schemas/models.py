@@ -76,7 +76,7 @@ POOL_KEYWORDS = frozenset({
     "validation_bypass", "autocommit", "reconnect_backoff", "reconnect_backoff_max", "placement",
     "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval", "role",
     "role_check_interval", "leak_detection_threshold", "ping_timeout", "query_timeout",
-    "fallback",
+    "fallback", "discovery", "instance_host_pattern", "topology_refresh_interval",
 })
 
 #: The pool keywords a running pool takes in place; changing anything else (the DSN, a libpq
@@ -189,6 +189,22 @@ def _check_ip(value: str) -> str:
     except ValueError:
         raise ValueError(
             "not an IP address (nameservers are IP addresses, not host names)") from None
+    return value
+
+
+_RDS_ENDPOINT = re.compile(
+    r"^[a-z0-9-]+\.cluster-(?:ro-|custom-)?[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com(?:\.cn)?\.?$",
+    re.IGNORECASE,
+)
+
+
+def _check_instance_host_pattern(value: str) -> str:
+    labels = value.rstrip(".").split(".")
+    if value.count("?") != 1 or "?" not in labels:
+        raise ValueError("needs exactly one '?' as a whole DNS label (the instance id), e.g. "
+                         "'?.abc123.eu-west-1.rds.amazonaws.com'")
+    if any(not re.fullmatch(r"[A-Za-z0-9-]{1,63}", lb) for lb in labels if lb != "?"):
+        raise ValueError("is not a host name with '?' for the instance id")
     return value
 
 
@@ -412,6 +428,23 @@ class _PoolFields(ConfigModel):
         default=5.0, gt=0,
         description="Seconds between the supervisor's checks of each address's role "
                     "(writer/reader pools).")
+    discovery: Literal["auto", "dns", "aurora"] = Field(
+        default="auto",
+        description="Where the pool finds its servers. dns: the addresses the host name "
+                    "resolves to (a rotating name's answers are collected over time). aurora: "
+                    "the cluster's own topology, aurora_replica_status() read from any "
+                    "instance, connecting to instance endpoints (readers spread at once; a "
+                    "writer follows a failover before DNS does). auto: aurora for an Aurora "
+                    "cluster (.cluster-) or reader (.cluster-ro-) endpoint name, else dns.")
+    instance_host_pattern: Annotated[Text, AfterValidator(_check_instance_host_pattern)] | None = (
+        Field(default=None,
+              description="An instance endpoint with '?' for the instance id, e.g. "
+                          "'?.abc123.eu-west-1.rds.amazonaws.com'. Derived from an RDS host "
+                          "name when not set; required for discovery: aurora otherwise."))
+    topology_refresh_interval: PosFloat = Field(
+        default=30.0,
+        description="Seconds between refreshes of an Aurora cluster's topology (every second "
+                    "while a writer pool hunts a new writer after a failover).")
     ping_timeout: PosFloat = Field(
         default=5.0,
         description="Seconds a test-on-borrow ping may take (or the checkout's timeout, if "
@@ -704,6 +737,18 @@ def pool_issues(pool: _PoolFields) -> list[Issue]:
         if ports not in (1, hosts):
             issues.append(Issue(("port",), f"{ports} ports for {hosts} hosts: give one port, "
                                            "or one per host", ("host",)))
+    if pool.discovery == "aurora" and pool.instance_host_pattern is None:
+        host = pool.host
+        if host is None and pool.dsn is not None:
+            try:
+                host = parse_dsn(pool.dsn).get("host")
+            except DsnError:
+                host = None  # reported on its own
+        if host is not None and not _RDS_ENDPOINT.match(host):
+            issues.append(Issue(("discovery",), "discovery: aurora with a host that is not an "
+                                "RDS endpoint name needs instance_host_pattern (an instance "
+                                "endpoint with '?' for the instance id)",
+                                ("instance_host_pattern",)))
     if pool.host is not None and pool.hostaddr is not None:
         hosts, addrs = _count(pool.host), _count(pool.hostaddr)
         if hosts != addrs:

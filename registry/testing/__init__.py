@@ -1,6 +1,9 @@
 """Real-server test harness: local PostgreSQL clusters and a loopback DNS server.
 
-``pgregistry.testing.cluster``  LocalCluster, PgServer, find_pg_bindir, free_port
+``pgregistry.testing.cluster``  LocalCluster (a primary and replicas on loopback addresses)
+``pgregistry.testing.servers``  PgServer, SqlServer (one server)
+``pgregistry.testing.processes`` find_pg_bindir, free_port, base_dir, the initdb template
+``pgregistry.testing.aurora``   AuroraCluster: topology functions and Aurora's DNS endpoints
 ``pgregistry.testing.dns``      DnsServer (needs dnslib, a test extra)
 ``pgregistry.testing.docker``   docker_available, ContainerServer (needs testcontainers)
 ``pgregistry.testing.pgbouncer`` PgBouncer, find_pgbouncer (needs the pgbouncer binary)
@@ -15,6 +18,7 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "AuroraCluster",
     "ContainerServer",
     "DnsServer",
     "HarnessError",
@@ -29,17 +33,18 @@ __all__ = [
 ]
 
 _WHERE = {
+    "AuroraCluster": "aurora",
     "ContainerServer": "docker",
     "DnsServer": "dns",
-    "HarnessError": "cluster",
+    "HarnessError": "processes",
     "LocalCluster": "cluster",
     "PgBouncer": "pgbouncer",
-    "PgServer": "cluster",
-    "ServerStartError": "cluster",
+    "PgServer": "servers",
+    "ServerStartError": "processes",
     "docker_available": "docker",
-    "find_pg_bindir": "cluster",
+    "find_pg_bindir": "processes",
     "find_pgbouncer": "pgbouncer",
-    "free_port": "cluster",
+    "free_port": "processes",
 }
 
 

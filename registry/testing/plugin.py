@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from .aurora import AuroraCluster
 from .cluster import LocalCluster, PgServer, SqlServer
 from .dns import DnsServer
 from .docker import ContainerServer, docker_available
@@ -21,6 +22,7 @@ from .pgbouncer import PgBouncer
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "aurora_cluster",
     "backend_counter",
     "clean_db",
     "dns_server",
@@ -77,6 +79,20 @@ def _running_cluster() -> Iterator[LocalCluster]:
     """A started primary + 2 replicas, stopped afterwards (thawed first: a test may have
     frozen one)."""
     cluster = LocalCluster(n_replicas=2).start()
+    try:
+        yield cluster
+    finally:
+        for server in cluster.servers:
+            server.thaw()
+        cluster.stop()
+
+
+@pytest.fixture
+def aurora_cluster(dns_server: DnsServer) -> Iterator[AuroraCluster]:
+    """An Aurora-faithful cluster of this test's own: a writer and 3 readers publishing
+    ``aurora_replica_status()``, Aurora's endpoints on ``dns_server`` (reader endpoint: a
+    rotating CNAME, TTL 1; cluster endpoint: a CNAME that follows a failover 30 s late)."""
+    cluster = AuroraCluster(n_replicas=3, dns=dns_server, writer_dns_lag_s=30.0).start()
     try:
         yield cluster
     finally:
