@@ -800,7 +800,8 @@ def test_identity_and_live() -> None:
 def test_keyword_sets() -> None:
     assert LIVE_KEYWORDS < POOL_KEYWORDS
     # applied when a connection opens: a change needs a new pool
-    assert {"autocommit", "role", "query_timeout"} == POOL_KEYWORDS - LIVE_KEYWORDS
+    assert {"autocommit", "role", "query_timeout", "discovery", "instance_host_pattern",
+            "topology_refresh_interval"} == POOL_KEYWORDS - LIVE_KEYWORDS
     assert not POOL_KEYWORDS & LIBPQ_PARAMETERS
     assert set(PoolConfig.model_fields) == POOL_KEYWORDS | LIBPQ_PARAMETERS | {
         "dsn", "password", "password_env", "password_file", "password_provider"}
