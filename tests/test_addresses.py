@@ -45,7 +45,7 @@ def dns_pool(make_pool, dns_server):
 
 
 def addresses_of(pool) -> Counter:
-    return Counter(e.address for e in pool._entries.values())
+    return Counter(e.address for e in pool._bag.entries.values())
 
 
 # -- placement ---------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def test_each_connection_is_pinned_with_hostaddr_and_keeps_the_name(
     pool = dns_pool(READERS, pg_cluster.port, minconn=0, maxconn=4)
     conns = [pool.getconn() for _ in range(4)]
     for c in conns:
-        e = pool._entries[id(c)]
+        e = pool._bag.entries[id(c)]
         assert c.info.host == READERS  # libpq (TLS, pg_hba) sees the name
         assert c.get_dsn_parameters()["hostaddr"] == server_addr(c)  # pinned to the address...
         assert e.address == f"{server_addr(c)}:{pg_cluster.port}"  # ...the pool recorded
@@ -211,7 +211,7 @@ def test_a_removed_address_is_not_handed_out_after_the_next_refresh(
     stepped.clock.advance(1.0)
     stepped.run_until_idle()
     # idle connections to the gone address are closed; the pool refilled on the other
-    assert all(e.address.startswith(keep.host) for e in pool._idle)
+    assert all(e.address.startswith(keep.host) for e in pool._bag.idle)
     for _ in range(10):
         with pool.conn() as c:
             assert server_addr(c) == keep.host
@@ -447,7 +447,7 @@ def test_multi_host_lists_use_the_union_of_addresses(pg_cluster, dns_server, mak
     )
     conns = [pool.getconn() for _ in range(3)]
     assert {server_addr(c) for c in conns} == {primary.host, r1.host, r2.host}
-    names = {pool._entries[id(c)].address: c.info.host for c in conns}
+    names = {pool._bag.entries[id(c)].address: c.info.host for c in conns}
     assert names[f"{r1.host}:{port}"] == "a.db.test"
     assert names[f"{r2.host}:{port}"] == "b.db.test"
     for c in conns:

@@ -252,7 +252,7 @@ def test_a_promoted_replica_is_retired_like_a_dns_change(aurora):
     r1, r2 = cluster.replicas
     pool = reg.get("readers").pool
     assert wait_until(lambda: pool.stats()["idle"] == 4)
-    before = {e.backend_pid for e in pool._entries.values() if e.address.startswith(r1.host)}
+    before = {e.backend_pid for e in pool._bag.entries.values() if e.address.startswith(r1.host)}
     assert before
     r1.promote()  # it changes role under the pool's feet
 
@@ -263,6 +263,6 @@ def test_a_promoted_replica_is_retired_like_a_dns_change(aurora):
         return pool.stats()["closed_by_reason"].get("role_change", 0) >= len(before)
 
     assert wait_until(use)
-    after = {e.backend_pid for e in pool._entries.values()}
+    after = {e.backend_pid for e in pool._bag.entries.values()}
     assert not (before & after)  # every connection opened before the promotion is gone
     assert pool.stats()["role_changes"] >= 1

@@ -384,11 +384,11 @@ def test_lifetimes_are_jittered_within_ten_percent(make_pool, stepped):
     pool = make_pool(minconn=0, maxconn=20, lifetime_timeout=1000, rng=random.Random(7))
     conns = [pool.getconn() for _ in range(20)]
     now = stepped.clock.monotonic()
-    lifetimes = [e.expires_at - e.created_at for e in pool._entries.values()]
+    lifetimes = [e.expires_at - e.created_at for e in pool._bag.entries.values()]
     assert all(900 <= x <= 1100 for x in lifetimes)
     assert len({round(x, 6) for x in lifetimes}) == 20  # each its own
     assert min(lifetimes) < 960 and max(lifetimes) > 1040  # really spread
-    assert all(e.created_at == now for e in pool._entries.values())
+    assert all(e.created_at == now for e in pool._bag.entries.values())
     for c in conns:
         pool.putconn(c)
 
@@ -396,7 +396,7 @@ def test_lifetimes_are_jittered_within_ten_percent(make_pool, stepped):
 def test_jitter_fraction_is_configurable(make_pool):
     pool = make_pool(minconn=0, maxconn=5, lifetime_timeout=100, lifetime_jitter=0.0)
     c = pool.getconn()
-    (e,) = pool._entries.values()
+    (e,) = pool._bag.entries.values()
     assert e.expires_at - e.created_at == 100
     pool.putconn(c)
 
@@ -406,14 +406,14 @@ def test_expired_idle_connections_are_closed_by_the_supervisor_and_replaced(
 ):
     pool = make_pool(minconn=2, maxconn=4, lifetime_timeout=100)
     stepped.run_until_idle()
-    old = {e.backend_pid for e in pool._entries.values()}
+    old = {e.backend_pid for e in pool._bag.entries.values()}
     assert len(old) == 2
     stepped.clock.advance(89)
     stepped.run_until_idle()
-    assert {e.backend_pid for e in pool._entries.values()} == old  # not yet
+    assert {e.backend_pid for e in pool._bag.entries.values()} == old  # not yet
     stepped.clock.advance(22)  # past 110 s: every lifetime is over
     stepped.run_until_idle()
-    new = {e.backend_pid for e in pool._entries.values()}
+    new = {e.backend_pid for e in pool._bag.entries.values()}
     assert len(new) == 2 and not (new & old)
     assert pool.stats()["closed_by_reason"] == {"lifetime": 2}
     assert wait_until(lambda: pg_server.backend_count(pool.app) == 2)
@@ -825,10 +825,10 @@ def test_an_interrupted_waiter_gives_back_what_it_was_handed(make_pool):
     assert wait_until(lambda: pool.stats()["waiting"] == 1)
     # hand the connection over and interrupt the waiter (blocked in Condition.wait, where the
     # exception is raised as it wakes) before it can take it
-    with pool._lock:
-        e = pool._entries[id(held)]
-        pool._out.discard(e)  # as putconn does, then straight to the waiter
-        pool._handoff_locked(e, held)
+    with pool._bag.lock:
+        e = pool._bag.entries[id(held)]
+        pool._bag.out.discard(e)  # as putconn does, then straight to the waiter
+        pool._bag.handoff_locked(e, held)
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(t.ident), ctypes.py_object(KeyboardInterrupt)
         )
@@ -860,7 +860,7 @@ def test_forked_child_never_touches_the_parents_connections(make_pool, pg_server
     import os
 
     pool = make_pool(minconn=2, maxconn=4, background_prewarm=False, supervisor=None)
-    parent_pids = sorted(e.backend_pid for e in pool._entries.values())
+    parent_pids = sorted(e.backend_pid for e in pool._bag.entries.values())
     held = pool.getconn()  # one checked out at the fork, too
     r, w = os.pipe()
     child = os.fork()
@@ -976,8 +976,8 @@ def test_chaos_lock_free_paths_against_maintenance(make_pool, pg_server, stepped
     stepped.run_until_idle()
     s = pool.stats()
     assert s["in_use"] == 0 and s["waiting"] == 0 and s["opening"] == 0
-    assert s["size"] == s["idle"] == len(pool._entries) <= 6
-    assert len(set(map(id, pool._idle))) == len(pool._idle)  # no entry queued twice
+    assert s["size"] == s["idle"] == len(pool._bag.entries) <= 6
+    assert len(set(map(id, pool._bag.idle))) == len(pool._bag.idle)  # no entry queued twice
     assert wait_until(lambda: pg_server.backend_count(pool.app) == s["size"])
     for _ in range(s["size"]):
         pool.getconn(timeout=0)  # every idle one really is there
@@ -1013,5 +1013,5 @@ def test_leak_detection_warns_once_with_the_stack_that_checked_out(make_pool, st
 def test_leak_detection_is_off_by_default_and_costs_the_hot_path_nothing(make_pool):
     pool = make_pool(minconn=0, maxconn=1)
     pool.putconn(pool.getconn())
-    (e,) = pool._entries.values()
+    (e,) = pool._bag.entries.values()
     assert e.checkout_stack is None and e.fresh_until > e.last_used_at  # the lock-free path

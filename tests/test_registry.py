@@ -164,12 +164,12 @@ def test_unchanged_pool_keeps_its_connections_across_a_reload(stepped_registry, 
     reg = stepped_registry(base_pools())
     stepped.run_until_idle()
     writer_pool = reg.get("writer").pool
-    pids = sorted(e.backend_pid for e in writer_pool._entries.values())
+    pids = sorted(e.backend_pid for e in writer_pool._bag.entries.values())
     topo.write(base_pools(r=6))  # readers retuned, writer untouched
     result = reg.reload()
     assert result.unchanged == ("writer",) and result.retuned == ("readers",)
     assert reg.get("writer").pool is writer_pool
-    assert sorted(e.backend_pid for e in writer_pool._entries.values()) == pids
+    assert sorted(e.backend_pid for e in writer_pool._bag.entries.values()) == pids
     assert reg.get("readers").pool.maxconn == 6
 
 
@@ -375,7 +375,7 @@ def test_a_forked_child_gets_working_pools_and_leaves_the_parents_alone(topo, pg
     try:
         assert wait_until(lambda: reg.stats()["writer"]["idle"] == 1)
         parent = reg.get("writer").pool
-        parent_pids = sorted(e.backend_pid for e in parent._entries.values())
+        parent_pids = sorted(e.backend_pid for e in parent._bag.entries.values())
         marker = f"child-{uuid.uuid4().hex[:8]}"
         r, w = os.pipe()
         child = os.fork()

@@ -1,0 +1,602 @@
+"""The bag: a pool's books of connections, its lock-free checkout/return and its waiters.
+
+(The name and the role are HikariCP's ``ConcurrentBag``: entries and their states,
+borrow/requite/reserve; it does no I/O of its own and knows nothing of servers.)
+
+The hot path takes no lock. An idle connection is checked out with an atomic ``popleft`` (or
+``pop``, LIFO) of the idle deque and given back with an atomic ``append``; an entry popped is
+its taker's alone. Ownership is membership of the checked-out set ``out``, and the atomic
+removal from it on return makes a second return of the same connection fail, even a concurrent
+one. A connection used in the last ``validation_bypass`` seconds and not expired is handed out
+after a single comparison (``Entry.fresh_until``).
+
+Everything else sits behind one lock, ``lock``, held for bookkeeping only: connections are
+opened, pinged, rolled back and closed outside it, by the bag's hooks (set once by the pool:
+``vet`` checks a popped entry, ``open_for_caller`` opens one for a caller, ``restore`` cleans a
+returned one, ``close_conn`` closes one that left the books). A caller that finds nothing idle
+opens a connection itself while the pool is below ``maxconn`` (or takes a prewarm connection
+already under way); at ``maxconn`` it waits in a fair FIFO queue, and a returned connection (or
+a freed slot) goes to the oldest waiter. A return made without the lock looks for waiters after
+it published, and a waiter looks at the idle deque after it queued: one of the two always sees
+the other. Each waiter has its own signal; handoffs happen under the lock, so a waiter that
+timed out either got its connection first or leaves the queue empty-handed.
+
+The books (under ``lock``): ``size`` = ``len(entries)`` + ``opening`` and never exceeds
+``maxconn`` except while a resize shrinks it; every entry is in exactly one of ``idle``, ``out``
+or in the hands of one thread (being opened, vetted, returned or closed, state RETURNING);
+``entries`` holds every open connection by ``id``, whose weak reference frees the slot of a
+checked-out connection that was garbage-collected (``orphans``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from _thread import allocate_lock as _allocate_lock
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from .entry import CLOSED, IDLE, IN_USE, RETURNING, Entry
+from .errors import BadConnectionError, PoolError, PoolTimeout
+from .stats import Counters, closed_error, timeout_error
+
+__all__ = ["Bag", "Waiter"]
+
+logger = logging.getLogger(__name__)
+
+Connection = ext.connection
+
+
+class Waiter:
+    """A caller waiting for a connection. Given, under the bag's lock, exactly one of: a
+    connection, a permit to open one (a slot already counted in ``size``), or an error."""
+
+    __slots__ = ("signal", "conn", "permit", "error")
+
+    def __init__(self) -> None:
+        # a bare lock, taken at birth: the giver releases it once to wake this waiter (a
+        # Condition per wait costs several times more, on the path every waiter takes)
+        self.signal = _allocate_lock()
+        self.signal.acquire()
+        self.conn: Connection | None = None
+        self.permit = False
+        self.error: PoolError | None = None
+
+    def wake(self) -> None:
+        self.signal.release()
+
+
+def _no_vet(e: Entry, conn: Connection, budget_s: float | None) -> bool:
+    return True
+
+
+class Bag:
+    """The books and the hot path of one pool (see the module docstring for the invariants).
+
+    Its fields are the pool's shared state: the pool's collaborators (maintenance,
+    placement, roles) receive the bag and change the books only under ``lock`` and through
+    the ``*_locked`` methods."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        minconn: int,
+        maxconn: int | float,
+        timeout: float,
+        max_waiting: int,
+        fifo: bool,
+        now: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self.lock = _allocate_lock()
+        self.now = now  # the hot path's clock (the builtin time.monotonic for the real clock)
+        self.idle: deque[Entry] = deque()
+        self.take: Callable[[], Entry] = self.idle.popleft if fifo else self.idle.pop
+        self.fifo = fifo
+        self.out: set[Entry] = set()  # checked out (membership is the ownership test)
+        self.entries: dict[int, Entry] = {}
+        self.waiters: deque[Waiter] = deque()
+        self.size = 0  # open + opening: the number maxconn bounds
+        self.opening = 0
+        self.prewarming = 0  # of opening: connects by maintenance, for the pool
+        self.sync_prewarm = False  # the constructor is opening minconn itself
+        self.closed = False
+        self.minconn = minconn
+        self.maxconn = maxconn
+        self.cap: int | float = maxconn  # maxconn; -1 once closed (one test on the hot path)
+        self.timeout = timeout
+        self.max_waiting = max_waiting
+        # checkouts of connections no longer in the books
+        self.retired_uses = 0
+        # weakrefs of checked-out connections that were garbage-collected. Appended lock-free
+        # by the weakref callback (which may run inside any code, even under the lock).
+        self.orphans: deque[Any] = deque()
+        self.counters = Counters()
+        # settings of the hot path (set by the pool)
+        self.ping_after = math.inf  # validation_bypass if test_on_borrow, else inf
+        self.return_hooks = False  # every return takes the slow path (reset, role check)
+        self.always_slow = False  # every checkout takes the slow path (roles, leak detection)
+        # hooks (set by the pool before first use)
+        self.ping: Callable[[Entry, Connection, float | None], bool] = _no_vet
+        self.role_changed: Callable[[Entry, Connection], bool] | None = None
+        self.on_slow_checkout: Callable[[Connection], None] | None = None
+        self.open_for_caller: Callable[[float | None], Connection]
+        self.restore: Callable[[Entry, Connection, int], str | None]
+        self.close_conn: Callable[[Entry, Connection | None, str], None]
+        self.forgotten: Callable[[Entry], None]  # an entry left the books (under the lock)
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def getconn(self, timeout: float | None = None) -> Connection:
+        # The hot path takes no lock: the idle queue's pop is atomic, and an entry popped is
+        # this thread's alone. An entry that is expired, or needs a ping or a role check, and
+        # an empty queue, go to the slow path (under the lock).
+        try:
+            e: Entry | None = self.take()
+        except IndexError:
+            e = None  # (leave the except block: errors raised later must not chain to it)
+        if e is None:
+            return self.getconn_slow(timeout, None)
+        now = self.now()
+        if now < e.fresh_until:
+            conn = e.conn
+            e.conn = None
+            e.state = IN_USE
+            e.checked_out_at = now
+            e.uses += 1
+            self.out.add(e)
+            return conn  # type: ignore[return-value]
+        return self.getconn_slow(timeout, e)
+
+    def putconn(self, conn: Connection, close: bool = False) -> None:
+        e = self.entries.get(id(conn))
+        if e is None or (w := e.wref) is None or w() is not conn:
+            e = self._entry_for_return(conn)
+        try:
+            self.out.remove(e)  # atomic: of two returns of one connection, one wins
+        except KeyError:
+            raise BadConnectionError(
+                f"pool {self.name!r}: connection returned twice (it is already idle)",
+                pool=self.name,
+            ) from None
+        try:
+            status = conn.get_transaction_status()
+        except psycopg2.InterfaceError:  # closed, by the user or by a broken link
+            status = -1
+        now = self.now()
+        if (status or close or self.return_hooks or now >= e.expires_at
+                or self.size > self.cap):
+            self._putconn_slow(e, conn, close, status)
+            return
+        # The hot path takes no lock: publish the entry to the idle queue (atomic append),
+        # then look for waiters or a close that may have come meanwhile.
+        e.last_used_at = now
+        fresh = now + self.ping_after
+        e.fresh_until = fresh if fresh < e.expires_at else e.expires_at
+        if e.doom_reason is not None:  # doomed while returning: never fresh (see doom)
+            e.fresh_until = -math.inf
+        e.conn = conn
+        e.state = IDLE
+        self.idle.append(e)
+        if self.waiters or self.closed:
+            self._after_publish()
+
+    # -- checkout, the slow path ------------------------------------------------------------
+
+    def getconn_slow(self, timeout: float | None, popped: Entry | None) -> Connection:
+        conn = self._getconn_slow_body(timeout, popped)
+        hook = self.on_slow_checkout
+        if hook is not None:
+            hook(conn)
+        return conn
+
+    def _getconn_slow_body(self, timeout: float | None, popped: Entry | None) -> Connection:
+        if popped is not None:
+            conn = self.checkout_popped(popped, timeout)
+            if conn is not None:
+                return conn
+        while True:
+            lock = self.lock
+            with lock:
+                if self.orphans:
+                    self.collect_orphans_locked()
+                if self.closed:
+                    raise closed_error(self.name)
+                e = None
+                if self.idle and not self.waiters:
+                    e = self.take_or_none()
+                    if e is None:  # taken by a lock-free checkout meanwhile
+                        continue
+                elif self.size < self.maxconn and (
+                        len(self.waiters) >= self.prewarming or not self._may_wait(timeout)):
+                    self.size += 1
+                    self.opening += 1
+                else:
+                    # at maxconn, behind other waiters, or a prewarm connect is under way
+                    # (take it when it lands rather than race it for the same CPU and server)
+                    conn = self._wait_locked(timeout)
+                    if conn is not None:
+                        return conn
+                    # else: a permit to open a connection (slot already counted)
+            if e is None:
+                budget = self.timeout if timeout is None else timeout
+                return self.open_for_caller(time.monotonic() + budget if budget > 0 else None)
+            conn = self.checkout_popped(e, timeout)
+            if conn is not None:
+                return conn
+
+    def checkout_popped(self, e: Entry, timeout: float | None = None) -> Connection | None:
+        """An entry taken from the idle queue: closed if expired, else checked out, pinged if
+        it has not been used for a while, role-checked on writer/reader pools. Returns the
+        connection, or None if it was not fit to hand out."""
+        now = self.now()
+        conn = e.conn
+        assert conn is not None
+        if now >= e.expires_at:
+            with self.lock:
+                self.forget_locked(e)
+            self.close_conn(e, conn, e.doom_reason or "lifetime")
+            return None
+        e.conn = None
+        e.state = IN_USE
+        e.checked_out_at = now
+        e.uses += 1
+        self.out.add(e)
+        if e.needs_ping or now - e.last_used_at >= self.ping_after:
+            e.needs_ping = False
+            budget = self.timeout if timeout is None else timeout
+            if not self.ping(e, conn, budget if budget > 0 else None):
+                self.discard(e, conn, "validation")
+                return None
+        role_changed = self.role_changed
+        if role_changed is not None and role_changed(e, conn):
+            self.discard(e, conn, e.doom_reason or "role_change")
+            return None
+        return conn
+
+    def admit_checked_out(self, e: Entry, conn: Connection) -> Connection:
+        """A connection a caller opened becomes its checkout (or is closed if the pool closed
+        meanwhile, with :class:`PoolClosed`)."""
+        with self.lock:
+            if self.closed:
+                self.forget_locked(e)
+                closed = True
+            else:
+                closed = False
+                e.state = IN_USE
+                e.conn = None  # checked out: the pool keeps only the weak reference
+                e.checked_out_at = e.created_at
+                e.uses += 1
+                self.out.add(e)
+        if closed:
+            self.close_conn(e, conn, "pool_closed")
+            raise closed_error(self.name)
+        return conn
+
+    # -- return, the slow path ----------------------------------------------------------------
+
+    def _putconn_slow(self, e: Entry, conn: Connection, close: bool, status: int) -> None:
+        """A return that needs work first: a rollback, a reset, a role check, or a close. The
+        entry is already out of the checked-out set."""
+        reason: str | None = "requested" if close else self.restore(e, conn, status)
+        now = self.now()
+        if reason is None and now >= e.expires_at:
+            reason = e.doom_reason or "lifetime"
+        with self.lock:
+            if reason is None and self.size > self.cap:
+                reason = "pool_closed" if self.closed else "resize"
+            if reason is None:
+                e.last_used_at = now
+                e.fresh_until = self.fresh_until(e, now)
+                if self.waiters:
+                    self.handoff_locked(e, conn)
+                else:
+                    e.conn = conn
+                    e.state = IDLE
+                    self.idle.append(e)
+                return
+            e.state = RETURNING
+            self.forget_locked(e)
+        self.close_conn(e, conn, reason)
+
+    def _after_publish(self) -> None:
+        """After a lock-free return: serve waiters from the idle queue, or, if the pool closed
+        meanwhile, close what is idle."""
+        with self.lock:
+            if self.closed:
+                conns = [(e, self.forget_locked(e)) for e in self.drain_idle_locked()]
+            else:
+                self.dispatch_locked()
+                return
+        for e, conn in conns:
+            self.close_conn(e, conn, "pool_closed")
+
+    def _entry_for_return(self, conn: object) -> Entry:
+        """The slow path of putconn's ownership check: the entry, or the precise error."""
+        with self.lock:
+            if self.orphans:
+                self.collect_orphans_locked()
+            e = self.entries.get(id(conn))
+            if e is not None and e.wref is not None and e.wref() is conn:
+                return e  # putconn's removal from the checked-out set decides the rest
+        if not isinstance(conn, ext.connection):
+            raise BadConnectionError(
+                f"pool {self.name!r}: putconn() takes a connection, got {type(conn).__name__}",
+                pool=self.name,
+            )
+        raise BadConnectionError(
+            f"pool {self.name!r}: this connection was not given out by this pool", pool=self.name
+        )
+
+    def owns(self, conn: object) -> bool:
+        e = self.entries.get(id(conn))
+        return e is not None and e.wref is not None and e.wref() is conn and e in self.out
+
+    def fresh_until(self, e: Entry, used_at: float) -> float:
+        """Until when ``e`` may be handed out without any check (see Entry.fresh_until)."""
+        if self.always_slow:
+            # every checkout takes the slow path: the server's role is looked at (no round
+            # trip), or the checkout's stack recorded for leak detection
+            return -math.inf
+        return min(e.expires_at, used_at + self.ping_after)
+
+    def refresh_fresh_until(self) -> None:
+        with self.lock:
+            for e in list(self.idle):
+                e.fresh_until = self.fresh_until(e, e.last_used_at)
+
+    def set_reuse(self, fifo: bool) -> None:
+        self.fifo = fifo
+        self.take = self.idle.popleft if fifo else self.idle.pop
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    def _may_wait(self, timeout: float | None) -> bool:
+        return (self.timeout if timeout is None else timeout) > 0
+
+    def take_or_none(self) -> Entry | None:
+        try:
+            return self.take()
+        except IndexError:
+            return None
+
+    def _wait_locked(self, timeout: float | None) -> Connection | None:
+        """Wait (holding ``lock`` on entry and exit) for a handoff. Returns the connection, or
+        None with a permit to open one; raises on timeout."""
+        if timeout is None:
+            timeout = self.timeout
+        if timeout <= 0:
+            self.counters.timeouts += 1
+            raise self.timeout_error_locked(0.0, timeout)
+        if self.max_waiting and len(self.waiters) >= self.max_waiting:
+            self.counters.timeouts += 1
+            raise self.timeout_error_locked(0.0, timeout, too_many=True)
+        w = Waiter()
+        self.waiters.append(w)
+        # a lock-free return may have published just before we queued: serve the queue
+        if self.idle:
+            self.dispatch_locked()
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        lock = self.lock
+        try:
+            while w.conn is None and not w.permit and w.error is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                lock.release()
+                try:
+                    w.signal.acquire(True, remaining)
+                finally:
+                    lock.acquire()
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, ...): whatever was handed over goes back.
+            self._abandon_wait_locked(w)
+            raise
+        waited = time.monotonic() - t0
+        self.counters.waited(waited)
+        if w.error is not None:
+            raise w.error
+        if w.conn is not None or w.permit:
+            return w.conn
+        # Timed out with nothing handed over: leave the queue (nothing can be handed to us
+        # any more, since handoffs happen under the lock we hold).
+        self.waiters.remove(w)
+        self.counters.timeouts += 1
+        raise self.timeout_error_locked(waited, timeout)
+
+    def _abandon_wait_locked(self, w: Waiter) -> None:
+        if w.conn is not None:
+            e = self.entries.get(id(w.conn))
+            if e is not None and e in self.out:
+                self.out.discard(e)
+                e.uses -= 1  # it never reached its caller
+                self.release_new_locked(e, w.conn)
+        elif w.permit:
+            self.size -= 1
+            self.opening -= 1
+            self.grant_permits_locked()
+        elif w in self.waiters:
+            self.waiters.remove(w)
+
+    def dispatch_locked(self) -> None:
+        """Hand idle connections to waiters, oldest first, while there are both."""
+        while self.waiters:
+            e = self.take_or_none()
+            if e is None:
+                return
+            conn = e.conn
+            assert conn is not None
+            self.handoff_locked(e, conn)
+
+    def handoff_locked(self, e: Entry, conn: Connection) -> None:
+        """Check ``e`` out to the oldest waiter."""
+        w = self.waiters.popleft()
+        e.conn = None
+        e.state = IN_USE
+        e.checked_out_at = self.now()
+        e.uses += 1
+        self.out.add(e)
+        w.conn = conn
+        w.wake()
+
+    def grant_permits_locked(self) -> None:
+        """Free slots go to the oldest waiters, as permits to open a connection."""
+        while self.waiters and self.size < self.maxconn:
+            w = self.waiters.popleft()
+            self.size += 1
+            self.opening += 1
+            w.permit = True
+            w.wake()
+
+    def fail_waiters_locked(self) -> None:
+        """The pool closed: every waiter gets :class:`PoolClosed`."""
+        while self.waiters:
+            w = self.waiters.popleft()
+            w.error = closed_error(self.name)
+            w.wake()
+
+    # -- the books ----------------------------------------------------------------------------
+
+    def reserve_locked(self) -> bool:
+        """Count a slot for a connection about to be opened, if below ``maxconn``."""
+        if self.closed or self.size >= self.maxconn:
+            return False
+        self.size += 1
+        self.opening += 1
+        return True
+
+    def admit_locked(self, e: Entry) -> None:
+        """A connection opened for a reserved slot enters the books (owned by its opener, state
+        RETURNING, until it is checked out or released)."""
+        if self.orphans:  # before reusing an id(conn) key an orphan may still hold
+            self.collect_orphans_locked()
+        self.opening -= 1
+        self.entries[e.key] = e
+        self.counters.opened += 1
+
+    def open_failed_locked(self, exc: BaseException) -> None:
+        """A reserved slot's connect failed: the slot is free again."""
+        self.size -= 1
+        self.opening -= 1
+        self.counters.connect_errors += 1
+        self.counters.last_connect_error = exc
+        self.grant_permits_locked()
+
+    def release_new_locked(self, e: Entry, conn: Connection) -> None:
+        """A connection joins the idle queue (opened by maintenance, or given back by a
+        waiter that left): to a waiter if one waits."""
+        if self.waiters:
+            self.handoff_locked(e, conn)
+        else:
+            e.state = IDLE
+            e.conn = conn
+            self.idle.append(e)
+
+    def join(self, e: Entry, conn: Connection) -> None:
+        """A connection opened by maintenance joins the pool (or is closed, if it closed)."""
+        with self.lock:
+            late = self.closed
+            if late:
+                self.forget_locked(e)
+            else:
+                self.release_new_locked(e, conn)
+        if late:
+            self.close_conn(e, conn, "pool_closed")
+
+    def drain_idle_locked(self) -> list[Entry]:
+        """Take every entry out of the idle queue, in order (one pop at a time: lock-free
+        checkouts may pop concurrently; nothing is lost or taken twice)."""
+        drained: list[Entry] = []
+        take = self.idle.popleft
+        while True:
+            try:
+                drained.append(take())
+            except IndexError:
+                return drained
+
+    def refill_idle_locked(self, entries: list[Entry]) -> None:
+        """Put survivors of a drain back at the front, in their order (before anything
+        returned meanwhile), and serve waiters."""
+        self.idle.extendleft(reversed(entries))
+        self.dispatch_locked()
+
+    def forget_locked(self, e: Entry) -> Connection:
+        """Take an entry out of the books (slot freed, waiters served). Returns its
+        connection for the caller to close outside the lock."""
+        conn = e.conn if e.conn is not None else (e.wref() if e.wref is not None else None)
+        if self.entries.get(e.key) is e:
+            del self.entries[e.key]
+            self.size -= 1
+            self.retired_uses += e.uses
+            self.forgotten(e)
+        self.out.discard(e)
+        e.state = CLOSED
+        e.conn = None
+        e.wref = None  # drops the weakref, so its callback will not fire for this close
+        self.grant_permits_locked()
+        return conn  # type: ignore[return-value]
+
+    def discard(self, e: Entry, conn: Connection, reason: str) -> None:
+        """Drop a checked-out connection (failed validation, ...)."""
+        with self.lock:
+            self.forget_locked(e)
+        self.close_conn(e, conn, reason)
+
+    def collect_orphans_locked(self) -> None:
+        """Checked-out connections that were garbage-collected give their slots back."""
+        while self.orphans:
+            wref = self.orphans.popleft()
+            for e in self.entries.values():
+                if e.wref is wref:
+                    break
+            else:
+                continue
+            logger.warning(
+                "pool %s: a checked-out connection (pid=%s) was garbage-collected without being "
+                "returned; its slot is freed", self.name, e.backend_pid,
+            )
+            self.forget_locked(e)
+            self.counters.closed("garbage_collected")
+
+    def reset_after_fork(self) -> list[Entry]:
+        """In a forked child: empty books, a new lock. Returns the inherited entries."""
+        self.lock = _allocate_lock()
+        inherited = list(self.entries.values())
+        self.entries.clear()
+        self.idle.clear()
+        self.out.clear()
+        self.waiters.clear()
+        self.orphans.clear()
+        self.size = self.opening = 0
+        self.prewarming = 0  # the parent's in-flight prewarm never lands here
+        self.sync_prewarm = False
+        return inherited
+
+    # -- figures ------------------------------------------------------------------------------
+
+    def checkouts_locked(self) -> int:
+        return self.retired_uses + sum(e.uses for e in self.entries.values())
+
+    def counts_locked(self) -> dict[str, int]:
+        return {
+            "size": self.size,
+            "idle": len(self.idle),
+            "in_use": len(self.out),  # the checked-out set is exactly the entries in use
+            "waiting": len(self.waiters),
+        }
+
+    def timeout_error_locked(
+        self, waited: float, timeout: float, too_many: bool = False
+    ) -> PoolTimeout:
+        return timeout_error(
+            self.name, self.counts_locked(), self.maxconn, waited_s=waited, timeout_s=timeout,
+            max_waiting=self.max_waiting, too_many=too_many,
+            last_connect_error=self.counters.last_connect_error,
+        )

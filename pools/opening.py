@@ -1,0 +1,208 @@
+"""Opening and closing a pool's connections: the one place a connection enters or leaves.
+
+Invariants:
+- ``open`` runs for a slot already counted in the books (``Bag.reserve_locked`` or a waiter's
+  permit). It either returns a prepared connection recorded in the books (state RETURNING:
+  its opener's until handed over), or gives the slot back and raises :class:`ConnectError`
+  (or :class:`PoolError` if preparing it failed); never both, never neither, whatever is
+  raised in between.
+- Every address a connection comes from is the connector's choice (placement, bans, DNS);
+  ``prefer`` only asks for one. A topology-based address source plugs in behind the connector.
+- ``close`` is the only place a pooled connection is closed. It runs outside the lock, counts
+  the reason, and asks for maintenance when the pool fell below ``minconn``.
+- Every lifetime is jittered (``lifetime_jitter``), so connections of one burst do not expire
+  together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2.extensions as ext
+
+from .bag import Bag
+from .clock import Clock
+from .connector import ConnectFailed, Connector
+from .entry import RETURNING, Entry
+from .errors import ConnectError, PoolError
+from .stats import summarise_error
+from .watchdog import Watchdog
+
+__all__ = ["Opener", "WARN_REASONS", "close_quietly"]
+
+logger = logging.getLogger(__name__)
+
+Connection = ext.connection
+
+_TX_IDLE = ext.TRANSACTION_STATUS_IDLE
+
+# Close reasons that mean something went wrong (logged as warnings); the others are routine.
+WARN_REASONS = frozenset({"broken", "validation", "garbage_collected", "reset_failed"})
+
+
+class Opener:
+    """Opens connections into a bag's reserved slots and closes the ones that left it.
+
+    :param bag: the books the connections enter and leave.
+    :param connector: resolves and connects (addresses, bans, DNS).
+    :param watchdog: prepares connections for the query watchdog.
+    :param clock: the pool's clock; lifetimes are on it.
+    :param rng: jitters lifetimes.
+    :param on_lost: the weakref callback of every entry (a checked-out connection collected).
+    :param wake: asks the supervisor for a maintenance step of this pool (lock-free).
+    :param autocommit: set on every new connection unless None.
+    :param configure: called with every new connection; it must leave no transaction open.
+    """
+
+    def __init__(
+        self,
+        bag: Bag,
+        connector: Connector,
+        watchdog: Watchdog,
+        clock: Clock,
+        rng: random.Random,
+        *,
+        on_lost: Callable[[Any], None],
+        wake: Callable[[], None],
+        autocommit: bool | None,
+        configure: Callable[[Connection], None] | None,
+        lifetime_timeout: float | None,
+        lifetime_jitter: float,
+    ) -> None:
+        self.bag = bag
+        self.connector = connector
+        self.watchdog = watchdog
+        self.clock = clock
+        self.rng = rng
+        self.on_lost = on_lost
+        self.wake = wake
+        self.autocommit = autocommit
+        self.configure = configure
+        self.lifetime_timeout = lifetime_timeout
+        self.lifetime_jitter = lifetime_jitter
+        self.on_opened: Callable[[], None] = lambda: None  # (maintenance resets its backoff)
+        self.server_role: Callable[[Connection], str | None] = lambda conn: None
+        # after every connect attempt (placement retires the addresses DNS no longer names)
+        self.after_connect: Callable[[], None] = lambda: None
+
+    @property
+    def name(self) -> str:
+        return self.bag.name
+
+    # -- opening --------------------------------------------------------------------------------
+
+    def open(
+        self, deadline: float | None = None, prefer: str | None = None
+    ) -> tuple[Entry, Connection]:
+        """Open one connection for a slot already counted in the books. On failure the slot
+        is given back and :class:`ConnectError` raised. Runs without the lock."""
+        name = self.name
+        try:
+            conn, address = self.connector.connect(deadline, prefer)
+        except ConnectFailed as exc:
+            cause = exc.__cause__ or exc
+            self._failed(cause)
+            if self.connector.refresh_soon():  # the answer may be out of date: ask again now
+                self.wake()
+            raise ConnectError(f"pool {name!r}: {exc}", pool=name) from cause
+        except Exception as exc:
+            self._failed(exc)
+            raise ConnectError(
+                f"pool {name!r}: cannot connect to {self.connector.host_label}: "
+                f"{summarise_error(exc)}",
+                pool=name,
+            ) from exc
+        finally:
+            self.after_connect()
+        try:
+            self._prepare(conn)
+        except BaseException as exc:
+            close_quietly(conn)
+            self.connector.book.closed(address.label)
+            self._failed(exc)
+            if isinstance(exc, PoolError):
+                raise
+            raise PoolError(
+                f"pool {name!r}: configuring a new connection failed: {exc!r}", pool=name
+            ) from exc
+        now = self.clock.monotonic()
+        e = Entry(
+            conn,
+            address=address.label,
+            created_at=now,
+            expires_at=self._expiry(now),
+            on_lost=self.on_lost,
+        )
+        e.server_role = self.server_role(conn)
+        bag = self.bag
+        e.fresh_until = bag.fresh_until(e, now)
+        e.state = RETURNING  # owned by the opener until it hands it over
+        with bag.lock:
+            bag.admit_locked(e)
+            self.watchdog.track(e.key)
+            below_min = bag.size < bag.minconn
+        self.on_opened()
+        if below_min:  # prewarm waits while a caller connects: it may go on now
+            self.wake()
+        logger.debug("pool %s: opened connection pid=%s to %s", name, e.backend_pid, e.address)
+        return e, conn
+
+    def open_for_caller(self, deadline: float | None) -> Connection:
+        """A caller's own connect (its slot counted): the connection is its checkout."""
+        e, conn = self.open(deadline)
+        return self.bag.admit_checked_out(e, conn)
+
+    def _failed(self, exc: BaseException) -> None:
+        bag = self.bag
+        with bag.lock:
+            bag.open_failed_locked(exc)
+            below_min = bag.size < bag.minconn
+        if below_min:
+            self.wake()
+
+    def _prepare(self, conn: Connection) -> None:
+        if self.autocommit is not None:
+            conn.autocommit = self.autocommit
+        self.watchdog.prepare(conn)
+        if self.configure is not None:
+            self.configure(conn)
+            status = conn.get_transaction_status()
+            if status != _TX_IDLE:
+                raise PoolError(
+                    f"pool {self.name!r}: configure left the connection in a transaction "
+                    f"(status {status}); commit or use autocommit in it",
+                    pool=self.name,
+                )
+
+    def _expiry(self, now: float) -> float:
+        lifetime = self.lifetime_timeout
+        if not lifetime:
+            return math.inf
+        j = self.lifetime_jitter
+        return now + lifetime * (1.0 + self.rng.uniform(-j, j))
+
+    # -- closing --------------------------------------------------------------------------------
+
+    def close(self, e: Entry, conn: Connection | None, reason: str) -> None:
+        """Close one connection that is out of the books. Never under the lock."""
+        bag = self.bag
+        with bag.lock:
+            bag.counters.closed(reason)
+            below_min = bag.size < bag.minconn and not bag.closed
+        log = logger.warning if reason in WARN_REASONS else logger.debug
+        log("pool %s: closing connection pid=%s to %s (%s)",
+            self.name, e.backend_pid, e.address, reason)
+        if conn is not None:
+            close_quietly(conn)
+        if below_min:
+            self.wake()
+
+
+def close_quietly(conn: Connection) -> None:
+    with contextlib.suppress(Exception):  # closing a dead connection may complain
+        conn.close()
