@@ -404,9 +404,9 @@ class _Load(PydanticErrors):
                 return  # validation reports it
             secret = self.environ.get(variable)
             if secret is None:
-                key_path = (*path, "password_env")
-                self.add(key_path, f"environment variable {variable!r} (password_env) is "
-                                   "not set" + self.origin_note(key_path), repr(variable))
+                self.add_secret_problem((*path, "password_env"),
+                                        f"environment variable {variable!r} (password_env) is "
+                                        "not set", repr(variable))
                 return
             pool["password"] = secret
         elif sources == ["password_file"]:
@@ -422,8 +422,17 @@ class _Load(PydanticErrors):
                 reason = "it is not UTF-8 text"
             else:
                 reason = secret_or_error.strerror or type(secret_or_error).__name__
-            self.add(key_path, f"cannot read password_file {name!r}: {reason}"
-                               + self.origin_note(key_path), repr(name))
+            self.add_secret_problem(key_path, f"cannot read password_file {name!r}: {reason}",
+                                    repr(name))
+
+    def add_secret_problem(self, key_path: Path, message: str, value: str) -> None:
+        """A password source that fails: on the pool, or once on ``defaults`` when the pool
+        inherits it (not once per pool)."""
+        where = self.source_path(key_path)
+        if where == key_path:
+            self.add(key_path, message, value)
+        elif where not in self.reported:
+            self.add(where, f"{message} (every pool that inherits it)", value)
 
     def read_secret(self, name: str) -> str | OSError | UnicodeDecodeError:
         """The password in a file, without one trailing newline; or why it cannot be read.
