@@ -13,9 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schemas import RegistryConfig
+from pydantic import SecretStr
 
-__all__ = ["ReloadPlan", "ReloadResult", "plan_reload"]
+from .schemas import DnsConfig, RegistryConfig
+from .schemas.dsn import redact_dsn
+
+__all__ = ["ReloadPlan", "ReloadResult", "changed_settings", "plan_reload"]
+
+_SHOWN_MAX = 60  # longer values are only said to have changed
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,9 @@ class ReloadPlan:
     retuned: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
     dns_changed: bool = False
+    #: pool name -> the settings that changed ("maxconn 10 -> 20", "password changed"), for
+    #: the retuned and replaced pools; "dns" -> the resolver settings that changed
+    changes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def changes_nothing(self) -> bool:
@@ -41,9 +49,20 @@ class ReloadPlan:
         }
 
     def summary(self) -> str:
-        parts = [f"{k} {', '.join(v)}" for k, v in self.as_dict().items() if v and k != "unchanged"]
+        """What changed and only that: ``retuned readers (maxconn 10 -> 20); added audit``."""
+        parts = []
+        for kind, names in self.as_dict().items():
+            if not names or kind == "unchanged":
+                continue
+            if kind == "retuned" and self.dns_changed:  # retuned for the dns alone: said below
+                names = [name for name in names if self.changes.get(name)]
+            shown = [f"{name} ({', '.join(self.changes[name])})" if self.changes.get(name)
+                     else name for name in names]
+            if shown:
+                parts.append(f"{kind} {', '.join(shown)}")
         if self.dns_changed:
-            parts.append("dns settings changed")
+            dns = self.changes.get("dns")
+            parts.append(f"dns ({', '.join(dns)})" if dns else "dns settings changed")
         return "; ".join(parts) if parts else "nothing changed"
 
 
@@ -69,6 +88,33 @@ class ReloadResult:
         return f"generation {self.generation}: {self.plan.summary()}"
 
 
+def _shown(name: str, value: Any) -> str | None:
+    """A setting's value for the log, or ``None`` when it must not (or cannot) be shown."""
+    if isinstance(value, SecretStr) or "password" in name:
+        return None
+    if name == "dsn" and isinstance(value, str):
+        value = redact_dsn(value)
+    text = "null" if value is None else str(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= _SHOWN_MAX else None
+
+
+def changed_settings(before: Any, after: Any) -> tuple[str, ...]:
+    """The settings that differ between two pool (or dns) configs, in field order:
+    ``"maxconn 10 -> 20"``, or ``"password changed"`` for secrets and long values."""
+    out = []
+    for name in type(after).model_fields:
+        old, new = getattr(before, name), getattr(after, name)
+        if old == new:
+            continue
+        if isinstance(old, SecretStr) and isinstance(new, SecretStr) and \
+                old.get_secret_value() == new.get_secret_value():
+            continue
+        a, b = _shown(name, old), _shown(name, new)
+        out.append(f"{name} {a} -> {b}" if a is not None and b is not None
+                   else f"{name} changed")
+    return tuple(out)
+
+
 def plan_reload(old: RegistryConfig, new: RegistryConfig) -> ReloadPlan:
     """Compare two validated configurations pool by pool."""
     dns_changed = old.dns_settings() != new.dns_settings()
@@ -84,7 +130,12 @@ def plan_reload(old: RegistryConfig, new: RegistryConfig) -> ReloadPlan:
         else:
             unchanged.append(name)
     removed = [name for name in old.pools if name not in new.pools]
+    changes: dict[str, tuple[str, ...]] = {
+        name: changed_settings(old.pools[name], new.pools[name]) for name in replaced + retuned}
+    if dns_changed:
+        changes["dns"] = changed_settings(old.dns or DnsConfig(), new.dns or DnsConfig())
     return ReloadPlan(
+        changes=changes,
         added=tuple(added),
         removed=tuple(removed),
         replaced=tuple(replaced),
