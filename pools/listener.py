@@ -39,7 +39,7 @@ from psycopg2 import sql
 from .connector import ConnectFailed, Connector
 from .errors import ConnectError, PoolClosed, PoolError
 
-__all__ = ["Gap", "Listener", "ListenerSource", "Notify"]
+__all__ = ["Dedicated", "Gap", "Listener", "ListenerSource", "Notify"]
 
 logger = logging.getLogger(__name__)
 
@@ -488,27 +488,27 @@ class Listener:
         return self._pool.name if self._pool is not None else "?"
 
 
-class PoolSource:
-    """A :class:`ListenerSource` over a ``ConnectionPool``: the pool's connector opens the
-    listener's connection (its addresses, placement, bans, credentials and
-    ``target_session_attrs``); a failed connect makes it look its names up again first, as
-    the pool's own failed connects do."""
+class Dedicated:
+    """A pool's dedicated connections (its listeners'): opened by the pool's connector (its
+    addresses, placement, bans, credentials and ``target_session_attrs``) outside its
+    ``maxconn``; the listeners the pool made, shown in its stats and closed with it.
 
-    __slots__ = ("_pool",)
+    A failed connect makes the connector look its names up again at once (in the calling
+    thread), as the pool's own failed connects do, so a reconnect after a failover finds the
+    new writer as soon as DNS names it.
+    """
 
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
+    def __init__(self, name: str, connector: Connector) -> None:
+        self.name = name
+        self.connector = connector
+        self._lock = threading.Lock()
+        self._listeners: list[Listener] = []
+        self._closed = False
 
-    @property
-    def name(self) -> str:
-        return str(self._pool.name)
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._pool.closed)
-
-    def open_dedicated(self, deadline: float | None) -> tuple[Connection, str]:
-        connector: Connector = self._pool._connector
+    def open(self, deadline: float | None) -> tuple[Connection, str]:
+        """A new connection and its address label; :class:`ConnectError` (the pool named) when
+        none can be opened."""
+        connector = self.connector
         try:
             conn, address = connector.connect(deadline)
         except ConnectFailed as exc:
@@ -516,17 +516,54 @@ class PoolSource:
                 connector.refresh(connector.clock.monotonic())
             raise ConnectError(f"pool {self.name!r} (listener): {exc}",
                                pool=self.name) from (exc.__cause__ or exc)
+        except Exception as exc:  # e.g. a credential source that failed
+            raise ConnectError(f"pool {self.name!r} (listener): cannot connect to "
+                               f"{connector.host_label}: {_summary(exc)}",
+                               pool=self.name) from exc
         return conn, address.label
 
-    def release_dedicated(self, label: str) -> None:
-        self._pool._connector.book.closed(label)
+    def release(self, label: str) -> None:
+        self.connector.book.closed(label)
+
+    def listener(self, source: Callable[[], Any], **kwargs: Any) -> Listener:
+        """A new :class:`Listener` through ``source``, kept until it (or the pool) closes."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
+        lst = Listener(source, on_close=self._forget, **kwargs)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._listeners.append(lst)
+        if closed:
+            lst.close()
+            raise PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
+        return lst
+
+    def _forget(self, lst: Listener) -> None:
+        with self._lock:
+            self._listeners = [x for x in self._listeners if x is not lst]
+
+    def stats(self) -> list[dict[str, Any]]:
+        with self._lock:
+            listeners = list(self._listeners)
+        return [lst.stats() for lst in listeners]
+
+    def close(self) -> None:
+        """Close every listener (idempotent); later :meth:`listener` calls raise."""
+        with self._lock:
+            self._closed = True
+            listeners, self._listeners = self._listeners, []
+        for lst in listeners:
+            lst.close()
 
 
 def as_source(pool: Any) -> ListenerSource:
-    """``pool`` itself if it opens dedicated connections, else a :class:`PoolSource` on it."""
-    if hasattr(pool, "open_dedicated"):
-        return pool  # type: ignore[no-any-return]
-    return PoolSource(pool)
+    """``pool`` as a listener's source (a ``ConnectionPool`` is one); ``TypeError`` if not."""
+    if not hasattr(pool, "open_dedicated"):
+        raise TypeError(f"a listener needs a pool that opens dedicated connections, got "
+                        f"{type(pool).__name__}")
+    return pool  # type: ignore[no-any-return]
 
 
 class _Unwanted(Exception):

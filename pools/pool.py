@@ -36,11 +36,12 @@ from .connector import Connector
 from .entry import CLOSED, Entry
 from .fork import detach
 from .fork import register as _register_for_fork
+from .listener import Dedicated, Listener
 from .maintenance import RECHECK_INTERVAL_S, Maintenance
 from .opening import Opener, close_quietly
 from .placement import Placement
 from .resolver import DnsSettings, HostResolver
-from .returning import Restorer
+from .returning import RECYCLE_MODES, Restorer
 from .roles import READ_ONLY_SQLSTATE, ROLES, RoleGuard, server_role
 from .stats import WAIT_BUCKETS_S, address_stats, dns_stats
 from .supervisor import Supervisor, get_supervisor
@@ -126,6 +127,10 @@ class ConnectionPool:
         :class:`PoolTooManyWaiters` at once.
     :param reuse: ``"fifo"`` (the connection idle longest goes first) or ``"lifo"``.
     :param configure: called once with each new connection before it is first handed out.
+    :param recycle: ``"fast"`` (rollback only, no ping), ``"verified"`` (ping on checkout),
+        ``"clean"`` (also ``DISCARD ALL`` on return, bounded by ``ping_timeout``); ``None``:
+        ``test_on_borrow`` decides. See ``returning``.
+    :param password_file, password_provider: see ``credentials`` (asked per new connection).
     :param reset: called with each returned connection (after the rollback); if it raises, the
         connection is discarded.
     :param autocommit: set ``conn.autocommit`` on every new connection.
@@ -182,6 +187,7 @@ class ConnectionPool:
         leak_detection_threshold: float | None = None,
         ping_timeout: float = 5.0,
         query_timeout: float | None = None,
+        recycle: str | None = None,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(minconn, maxconn)
@@ -216,6 +222,7 @@ class ConnectionPool:
             ban_initial=address_ban, ban_max=address_ban_max, rng=self._rng, name=self.name,
             **connect_kwargs,
         )
+        self._dedicated = Dedicated(self.name, self._connector)  # listeners' connections
         self._role = role
         self._test_on_borrow = test_on_borrow
         self._validation_bypass = validation_bypass
@@ -258,7 +265,8 @@ class ConnectionPool:
             check_interval=role_check_interval,
         )
         role_changed = self._roles.changed if role != "any" else None
-        self._restorer = Restorer(bag, reset=reset, role_changed=role_changed)
+        self._restorer = Restorer(bag, reset=reset, role_changed=role_changed,
+                                  bounded=self._watchdog.bounded)
         self._maintenance = Maintenance(
             bag, self._opener, self._placement, self._roles if role != "any" else None,
             self._connector, self._rng, now=self._clock.monotonic(), idle_timeout=idle_timeout,
@@ -273,7 +281,8 @@ class ConnectionPool:
         bag.close_conn = self._opener.close
         bag.forgotten = self._forgotten
         bag.return_hooks = reset is not None or role_changed is not None
-        self._apply_checkout_settings()
+        self._recycle: str | None = None
+        self.recycle = recycle  # (sets test_on_borrow and the return path)
         # the hot path: the bag's own methods, with no forwarding call
         self.getconn = bag.getconn  # type: ignore[method-assign]
         self.putconn = bag.putconn  # type: ignore[method-assign]
@@ -345,6 +354,23 @@ class ConnectionPool:
     @property
     def query_timeout(self) -> float | None:
         return self._watchdog.query_timeout
+
+    @property
+    def recycle(self) -> str | None:
+        return self._recycle
+
+    @recycle.setter
+    def recycle(self, value: str | None) -> None:
+        if value is not None and value not in RECYCLE_MODES:
+            raise ValueError(f"recycle must be one of {RECYCLE_MODES} (or None), got {value!r}")
+        self._recycle = value
+        self._restorer.discard_all = value == "clean"
+        self._bag.return_hooks = (self._restorer.reset is not None
+                                  or self._restorer.role_changed is not None
+                                  or value == "clean")
+        if value is not None:
+            self._test_on_borrow = value != "fast"
+        self._apply_checkout_settings()
 
     @property
     def test_on_borrow(self) -> bool:
@@ -430,7 +456,7 @@ class ConnectionPool:
         "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting",
         "reuse", "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement",
         "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval",
-        "role_check_interval", "leak_detection_threshold", "ping_timeout",
+        "role_check_interval", "leak_detection_threshold", "ping_timeout", "recycle",
     })
 
     def retune(self, **settings: Any) -> None:
@@ -456,13 +482,32 @@ class ConnectionPool:
                 raise ValueError(f"reuse must be 'fifo' or 'lifo', got {reuse!r}")
             self._bag.set_reuse(reuse == "fifo")
         settings.pop("background_prewarm", None)  # only meaningful at start
+        recycle = settings.pop("recycle", self.recycle)
         for key, value in settings.items():
             setattr(self, key, value)
+        self.recycle = recycle  # last: a recycle mode decides test_on_borrow
         if (maxconn, minconn) != (self.maxconn, self.minconn):
             self.resize(maxconn, minconn)
         else:
             self._supervisor.request(self._task)
         logger.info("pool %s: retuned %s", self.name, sorted(settings) or "sizes")
+
+    def set_credentials(self, **source: Any) -> None:
+        """New connections' password source from now on (``Credentials``' keywords)."""
+        self._connector.set_credentials(**source)
+        logger.info("pool %s: credentials now from %s", self.name,
+                    self._connector.credentials.describe())
+
+    def listener(self, **kwargs: Any) -> Listener:
+        """LISTEN/NOTIFY on a dedicated connection outside ``maxconn`` (see ``listener``)."""
+        return self._dedicated.listener(lambda: self, **kwargs)
+
+    def open_dedicated(self, deadline: float | None = None) -> tuple[Connection, str]:
+        """A connection outside the books, and its address (see ``listener.Dedicated``)."""
+        return self._dedicated.open(deadline)
+
+    def release_dedicated(self, label: str) -> None:
+        self._dedicated.release(label)
 
     def set_dns(self, dns: DnsSettings | Mapping[str, Any] | None) -> None:
         """Resolve with new DNS settings from now on (answers are fetched afresh)."""
@@ -511,6 +556,7 @@ class ConnectionPool:
         self._supervisor.unregister(self._task)
         for e, conn in conns:
             self._opener.close(e, conn, "pool_closed")
+        self._dedicated.close()
         logger.info("pool %s: closed", self.name)
 
     def close_all(self) -> None:
@@ -549,8 +595,10 @@ class ConnectionPool:
                 "addresses": address_stats(self._connector.book.snapshot(now),
                                            bag.entries.values()),
                 "dns": dns_stats(self._connector, now),
+                "recycle": self._recycle,
             })
-            return out
+        out["listeners"] = self._dedicated.stats()
+        return out
 
     def status(self) -> dict[str, int | float]:
         """psqlpy's four figures."""

@@ -5,12 +5,16 @@ Invariants:
   unknown, or that is running a query, or is closed, is discarded ("broken").
 - The user's ``reset`` runs after the rollback; if it raises, or leaves a transaction it cannot
   roll back, the connection is discarded ("reset_failed").
+- ``recycle: clean``: after the rollback, ``DISCARD ALL`` (outside a transaction, bounded by the
+  watchdog's ping deadline) before the user's ``reset``; failing or late, the connection is
+  discarded ("reset_failed").
 - On a role-aware pool a server that changed role retires the connection (see ``roles``).
 - ``restore`` returns a close reason or None; it never touches the books (the bag does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -18,12 +22,19 @@ import psycopg2.extensions as ext
 
 from .bag import Bag
 from .entry import Entry
+from .stats import summarise_error
 
-__all__ = ["Restorer"]
+__all__ = ["RECYCLE_MODES", "Restorer"]
+
+#: psqlpy's recycling methods (its ``conn_recycling_method``), the pool's ``recycle``.
+RECYCLE_MODES = ("fast", "verified", "clean")
 
 logger = logging.getLogger(__name__)
 
 Connection = ext.connection
+
+# bounds one round trip on a connection, given its address label (the watchdog's ``bounded``)
+Bound = Callable[[Connection, "str | None"], contextlib.AbstractContextManager[None]]
 
 _TX_IDLE = ext.TRANSACTION_STATUS_IDLE
 _TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
@@ -35,6 +46,8 @@ class Restorer:
 
     :param reset: the user's callback, run on every returned connection (None: none).
     :param role_changed: the role guard's check (None on ``role="any"`` pools).
+    :param bounded: a context manager bounding one round trip on a connection (the
+        watchdog's), for ``DISCARD ALL``.
     """
 
     def __init__(
@@ -43,10 +56,13 @@ class Restorer:
         *,
         reset: Callable[[Connection], None] | None,
         role_changed: Callable[[Entry, Connection], bool] | None,
+        bounded: Bound | None = None,
     ) -> None:
         self.bag = bag
         self.reset = reset
         self.role_changed = role_changed
+        self.bounded = bounded
+        self.discard_all = False  # recycle: clean
 
     def restore(self, e: Entry, conn: Connection, status: int) -> str | None:
         """Clean ``conn`` (transaction ``status``, -1: unknown) for reuse. Returns why it must
@@ -56,6 +72,8 @@ class Restorer:
         reason: str | None = None
         if status != _TX_IDLE:
             reason = self._rollback(conn, status)
+        if reason is None and self.discard_all:
+            reason = self._discard_all(e, conn)
         if reason is None and self.reset is not None:
             reason = self._run_reset(conn)
         if reason is None and self.role_changed is not None and self.role_changed(e, conn):
@@ -74,6 +92,25 @@ class Restorer:
         with self.bag.lock:
             self.bag.counters.rollbacks += 1
         logger.debug("pool %s: rolled back uncommitted work on return", name)
+        return None
+
+    def _discard_all(self, e: Entry, conn: Connection) -> str | None:
+        """``DISCARD ALL``: session settings, temporary tables, prepared statements, advisory
+        locks, LISTENs and cursors are gone (PostgreSQL's documentation of DISCARD)."""
+        guard = self.bounded(conn, e.address) if self.bounded else contextlib.nullcontext()
+        try:
+            autocommit = conn.autocommit
+            conn.autocommit = True  # DISCARD ALL cannot run inside a transaction block
+            try:
+                with guard, conn.cursor() as cur:
+                    cur.execute("DISCARD ALL")
+            finally:
+                if not conn.closed:
+                    conn.autocommit = autocommit
+        except Exception as exc:
+            logger.warning("pool %s: DISCARD ALL on return failed (%s): discarding",
+                           self.bag.name, summarise_error(exc))
+            return "reset_failed"
         return None
 
     def _run_reset(self, conn: Connection) -> str | None:

@@ -179,6 +179,29 @@ class Watchdog:
         return ok
 
     @contextlib.contextmanager
+    def bounded(self, conn: Connection, label: str | None) -> Iterator[None]:
+        """Bound one round trip the pool makes itself on ``conn`` (e.g. ``DISCARD ALL`` on
+        return) by ``ping_timeout``: past it the socket is shut down (the call fails) and
+        ``label`` banned."""
+        limit = self.ping_timeout
+        if not limit or limit == math.inf or conn.closed:
+            yield
+            return
+        guard = PingGuard(conn)
+        task = self.supervisor.watch(self.clock.monotonic() + limit, guard.expire)
+        try:
+            yield
+        finally:
+            guard.finish()
+            self.supervisor.unregister(task)
+            if guard.expired:
+                if label is not None:
+                    self.ban(label)
+                logger.warning("pool %s: a round trip on %s took more than %.1f s: its "
+                               "connection was cut and the address banned", self.name,
+                               label or "a connection", limit)
+
+    @contextlib.contextmanager
     def query_guard(self, conn: Connection) -> Iterator[None]:
         """Bound one query on ``conn`` by ``query_timeout``."""
         limit = self.query_timeout

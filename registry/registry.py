@@ -474,7 +474,8 @@ class Registry:
             creds = config.pools[name].credentials(self._base_dir)
             if creds != old.config.pools[name].credentials(self._base_dir):
                 try:
-                    credentials[name] = Credentials(**creds)
+                    Credentials(**creds)  # checked before anything changes
+                    credentials[name] = creds
                 except (ValueError, TypeError, ImportError, AttributeError) as exc:
                     problem = Problem(path=f"pools.{name}", pool=name, line=None, column=None,
                                       value=None, message=str(exc))
@@ -485,11 +486,8 @@ class Registry:
                     raise error from None
         for name in plan.retuned:
             pool = old.pools[name]
-            if name in credentials:
-                # new connections get their password from the new source; open ones stay
-                pool._connector.credentials = credentials[name]
-                logger.info("pool %s: credentials now from %s", name,
-                            credentials[name].describe())
+            if name in credentials:  # new connections use the new source; open ones stay
+                pool.set_credentials(**credentials[name])
             before, after = old.config.pools[name], config.pools[name]
             if before.live() != after.live():
                 pool.retune(**{k: v for k, v in after.live().items()

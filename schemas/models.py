@@ -76,7 +76,7 @@ POOL_KEYWORDS = frozenset({
     "validation_bypass", "autocommit", "reconnect_backoff", "reconnect_backoff_max", "placement",
     "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval", "role",
     "role_check_interval", "leak_detection_threshold", "ping_timeout", "query_timeout",
-    "fallback", "discovery", "instance_host_pattern", "topology_refresh_interval",
+    "fallback", "recycle", "discovery", "instance_host_pattern", "topology_refresh_interval",
 })
 
 #: The pool keywords a running pool takes in place; changing anything else (the DSN, a libpq
@@ -86,7 +86,7 @@ LIVE_KEYWORDS = frozenset({
     "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting", "reuse",
     "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement", "address_ban",
     "address_ban_max", "rebalance_fraction", "rebalance_interval", "role_check_interval",
-    "leak_detection_threshold", "ping_timeout", "fallback",
+    "leak_detection_threshold", "ping_timeout", "fallback", "recycle",
 })
 
 #: libpq connection parameters a pool may set (``password`` is a secret, see below).
@@ -450,6 +450,11 @@ class _PoolFields(ConfigModel):
         description="Seconds a test-on-borrow ping may take (or the checkout's timeout, if "
                     "less) before its socket is shut down and the address banned: nothing in "
                     "libpq bounds a query on a frozen server.")
+    recycle: Literal["fast", "verified", "clean"] | None = Field(
+        default=None,
+        description="psqlpy's recycling methods: fast (returned as it is, rolled back; no "
+                    "ping), verified (pinged on checkout), clean (also DISCARD ALL on return, "
+                    "bounded by ping_timeout); null: test_on_borrow decides.")
     query_timeout: PosFloat | None = Field(
         default=None,
         description="Seconds any one query may take before the pool cuts its connection (the "

@@ -288,13 +288,12 @@ def test_a_dsn_wins_over_separate_parameters_on_a_real_server(db):
 
 def test_recycling_methods(db):
     server, name = db
-    for method, borrow, has_reset in [(None, False, False),
-                                      (ConnRecyclingMethod.Fast, False, False),
-                                      (ConnRecyclingMethod.Verified, True, False),
-                                      ("clean", False, True)]:
+    for method, recycle, borrow in [(None, "fast", False),
+                                    (ConnRecyclingMethod.Fast, "fast", False),
+                                    (ConnRecyclingMethod.Verified, "verified", True),
+                                    ("clean", "clean", True)]:
         pool = PsqlpyPool(dsn=server.dsn(dbname=name), conn_recycling_method=method)
-        assert pool.pool.test_on_borrow is borrow
-        assert (pool.pool._reset is not None) is has_reset
+        assert pool.pool.recycle == recycle and pool.pool.test_on_borrow is borrow
         pool.close()
     with pytest.raises(ValueError, match="Fast, Verified or Clean"):
         PsqlpyPool(dsn="dbname=x", conn_recycling_method="slow")

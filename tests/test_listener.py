@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import wait_until
 from pgregistry.pools import ConnectionPool, PoolClosed
-from pgregistry.pools.listener import Gap, Listener
+from pgregistry.pools.listener import Gap
 
 
 def notify(server, channel, payload):
@@ -24,7 +24,7 @@ def listener_of(make_pool):
 
     def make(pool=None, **kw):
         pool = pool or make_pool(minconn=0)
-        lst = Listener(lambda: pool, **kw)
+        lst = pool.listener(**kw)
         made.append(lst)
         return lst
 
@@ -98,6 +98,36 @@ def test_bad_channel_names_are_refused_clearly(listener_of):
     assert lst.channels == ()
 
 
+def test_the_listener_is_outside_maxconn_and_in_stats(make_pool, pg_primary):
+    pool = make_pool(minconn=0, maxconn=1)
+    lst = pool.listener()
+    try:
+        lst.listen("c")
+        with pool.conn(timeout=1):  # the pool's one connection is still there
+            pass
+        assert pool.stats()["size"] == 1
+        rows = pool.stats()["listeners"]
+        assert rows == [lst.stats()] and rows[0]["channels"] == ["c"]
+        assert pg_primary.backend_count(pool.app) == 2
+    finally:
+        lst.close()
+    assert pool.stats()["listeners"] == []
+    assert wait_until(lambda: pg_primary.backend_count(pool.app) == 1, 5)
+
+
+def test_closing_the_pool_closes_its_listeners(make_pool):
+    pool = make_pool(minconn=0)
+    lst = pool.listener()
+    lst.listen("x")
+    pool.close()
+    assert lst.closed
+    assert list(lst.notifications(timeout=0.1)) == []
+    with pytest.raises(PoolClosed):
+        lst.listen("y")
+    with pytest.raises(PoolClosed):
+        pool.listener()
+
+
 def test_a_killed_connection_comes_back_listening_and_reports_the_gap(listener_of, pg_primary):
     gaps: list[Gap] = []
     lst = listener_of(on_reconnect=gaps.append)
@@ -147,7 +177,7 @@ def test_a_listener_on_a_standby_says_it_needs_the_primary(pg_cluster, stepped):
     pool = ConnectionPool(minconn=0, dsn=replica.dsn(), supervisor=stepped)
     try:
         with pytest.raises(psycopg2.Error, match="needs the primary"):
-            Listener(lambda: pool).listen("x")
+            pool.listener().listen("x")
     finally:
         pool.close()
 

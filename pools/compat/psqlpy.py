@@ -192,18 +192,6 @@ def _recycling(method: ConnRecyclingMethod | str | None) -> str:
     return value
 
 
-def _discard_all(conn: ext.connection) -> None:
-    """``Clean`` recycling: forget the session's state (outside a transaction: the pool rolled
-    back first; DISCARD ALL cannot run inside one)."""
-    autocommit = conn.autocommit
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("DISCARD ALL")
-    finally:
-        conn.autocommit = autocommit
-
-
 def _sql(querystring: str) -> str:
     """psqlpy's ``$1``-style placeholders as psycopg2's named ones (``%`` kept literal)."""
     return _PLACEHOLDER.sub(lambda m: f"%(p{m.group(1)})s", querystring.replace("%", "%%"))
@@ -530,9 +518,7 @@ class ConnectionPool:
         self.conn_recycling_method = _recycling(conn_recycling_method)
         pool_kwargs.setdefault("minconn", 0)  # psqlpy's pool opens connections on demand
         pool_kwargs.setdefault("placement", placement)
-        pool_kwargs.setdefault("test_on_borrow", self.conn_recycling_method == "verified")
-        if self.conn_recycling_method == "clean":
-            pool_kwargs.setdefault("reset", _discard_all)
+        pool_kwargs.setdefault("recycle", self.conn_recycling_method)
         self._pool = _Pool(maxconn=max_db_pool_size, dsn=dsn, **params, **pool_kwargs)
 
     @property
