@@ -148,6 +148,7 @@ class _Load(PydanticErrors):
         self.environ = environ
         self.positions: dict[Path, tuple[int, int]] = {}
         self.value_positions: dict[Path, ValuePosition] = {}
+        self.from_defaults: dict[tuple[Path, str, str | None], list[str]] = {}
         self.literal_defaults: dict[Path, list[str]] = {}  # the literals of ${VAR:-literal}
         self.problems: list[Problem] = []
         self.reported: set[Path] = set()  # paths with a problem: later errors there are noise

@@ -88,6 +88,8 @@ class PydanticErrors:
     already reported, where pools inherited keys from, and the origin notes."""
 
     inherited: dict[str, set[str]]
+    #: cross-field issues whose keys all come from defaults: (where, message, value) -> pools
+    from_defaults: dict[tuple[Path, str, str | None], list[str]]
 
     def add(self, path: Path, message: str, value: str | None = None,
             at: Path | None = None, offset: int | None = None) -> None:
@@ -139,6 +141,10 @@ class PydanticErrors:
             self.add(path, message + self.origin_note(path), shown)
         for model, keys in broken.items():
             self.recheck(prepared, model, keys)
+        for (where, message, shown), users in self.from_defaults.items():
+            self.add(where, f"{message} (inherited by pool{'s' if len(users) != 1 else ''} "
+                            f"{', '.join(users)})", shown)
+        self.from_defaults = {}
 
     def add_issues(self, prepared: dict[str, Any], path: Path, error: CrossFieldError,
                    skip: set[str] | None = None) -> None:
@@ -152,8 +158,22 @@ class PydanticErrors:
             if issue.path:
                 present, item = _lookup(prepared, issue_path)
                 shown = show(issue_path, item) if present else None
+            if self.inherited_issue(path, issue.path, issue.related):
+                # every key involved comes from defaults: one problem there, for all pools
+                where = ("defaults", *issue.path)
+                self.from_defaults.setdefault((where, issue.message, shown), []).append(
+                    str(path[1]))
+                continue
             self.add(issue_path, issue.message + self.origin_note(issue_path, issue.related),
                      shown)
+
+    def inherited_issue(self, model: Path, keys: tuple[str, ...],
+                        related: tuple[str, ...]) -> bool:
+        """True when ``model`` is a pool and every key of an issue came from defaults."""
+        if len(model) != 2 or model[0] != "pools" or not keys:
+            return False
+        inherited = self.inherited.get(str(model[1]), set())
+        return all(key in inherited for key in (*keys[:1], *related))
 
     def recheck(self, prepared: dict[str, Any], model: Path, broken: set[str]) -> None:
         """Run the cross-field checks of a model whose fields did not all validate, without
