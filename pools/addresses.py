@@ -7,6 +7,20 @@ the fewest connections of this pool first, ties at random; ``random`` shuffles. 
 refuses or times out is banned for a backoff that doubles on each failure in a row (capped); a
 banned address is tried only after every healthy one, least recently failed first, so a pool
 whose addresses are all banned still tries rather than failing without trying.
+
+Which addresses are the pool's **members** (the active ones) is said by named sources: each
+source (one per DNS target, ``dns:<host>:<port>``; the cluster's topology; a user's list) sets
+its whole list with :meth:`AddressBook.set_members`, and an address is a member while any source
+lists it. An address no source lists any more becomes inactive: no new connections; its open
+ones are retired by the pool (the labels come back as "removed").
+
+For DNS, :meth:`AddressBook.observe` turns a name's answers into its members: every address
+an answer named within ``window`` seconds (a name that rotates, like Aurora's reader endpoint
+answering ONE instance per query, is the union of its answers, not the latest one), except one
+that has failed (connect refused, timed out, wrong role) since it was last named. So a rotation
+never removes an address by itself; an address leaves when DNS stopped naming it for the
+window, or when its connections fail and DNS no longer names it. ``window=0`` follows each
+answer exactly.
 """
 
 from __future__ import annotations
@@ -16,11 +30,45 @@ import random
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["Address", "AddressBook", "PLACEMENTS", "address_label"]
+__all__ = [
+    "Address",
+    "AddressBook",
+    "Member",
+    "PLACEMENTS",
+    "DEFAULT_MEMBERSHIP_WINDOW_S",
+    "address_label",
+    "dns_source",
+]
 
 PLACEMENTS = ("least_connections", "random")
+
+# How long an address of a rotating DNS name stays a member after an answer last named it
+# (``dns_membership_window``). Sized for the worst case the pool expects: a 15-instance
+# endpoint answering ONE instance per query, sampled once a second (its 1 s TTL; the supervisor
+# samples at 0.8 of it, so this is conservative). A given member is missed by one sample with
+# p = 14/15, by all samples of a 300 s window with p = (14/15)**300 = 1.0e-9. Over an hour
+# about 3600 such windows start (one after each sighting, 15 members sighted 240 times each),
+# so a member is dropped by chance about 3.7e-6 times an hour: once in ~30 years. (180 s
+# would drop one every ~3 days, 120 s about once an hour.) A dropped member costs only its
+# connections being retired; it comes back at its next sighting.
+DEFAULT_MEMBERSHIP_WINDOW_S = 300.0
+
+
+class Member(NamedTuple):
+    """One member address as a source gives it: ``host`` (libpq's ``host=``: TLS, pg_hba),
+    ``ip`` (pinned with ``hostaddr=``; None for a socket directory or libpq's default) and
+    ``port``."""
+
+    host: str
+    ip: str | None
+    port: str
+
+
+def dns_source(host: str, port: str) -> str:
+    """The source name of the members a DNS target gives: ``dns:<host>:<port>``."""
+    return f"dns:{host.lower()}:{port}"
 
 
 def address_label(ip: str | None, host: str, port: str) -> str:
@@ -74,7 +122,7 @@ class AddressBook:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._by_label: dict[str, Address] = {}
-        self._by_host: dict[tuple[str, str], list[str]] = {}
+        self._sources: dict[str, dict[str, str]] = {}  # source -> {label: host it gives}
 
     def set_placement(self, placement: str) -> None:
         if placement not in PLACEMENTS:
@@ -96,42 +144,92 @@ class AddressBook:
 
     # -- the set of addresses ---------------------------------------------------------------
 
-    def sync(self, host: str, port: str, ips: Iterable[str | None]) -> tuple[list[str], list[str]]:
-        """Make ``ips`` the active addresses of ``host:port``. Returns (added, removed) labels."""
-        labels = []
+    def set_members(
+        self, source: str, members: Iterable[Member | tuple[str, str | None, str]]
+    ) -> tuple[list[str], list[str]]:
+        """Make ``members`` (``Member(host, ip, port)`` or such tuples) everything ``source``
+        lists: an empty list withdraws the source. Returns (added, removed) labels: added are
+        new members of the pool, removed are addresses no source lists any more (the pool
+        retires their connections). An address two sources list (two names, one server) keeps
+        the host it was first reached under, and moves to the other's when its source drops
+        it (``host=`` for TLS and pg_hba)."""
         added: list[str] = []
         with self._lock:
-            for ip in ips:
-                label = address_label(ip, host, port)
-                labels.append(label)
+            listing: dict[str, str] = {}  # label -> host
+            for host, ip, port in members:
+                label = address_label(ip, host, str(port))
+                if label in listing:
+                    continue
+                listing[label] = host
                 a = self._by_label.get(label)
                 if a is None:
-                    self._by_label[label] = Address(label, host, ip, port)
+                    self._by_label[label] = Address(label, host, ip, str(port))
                     added.append(label)
                 elif not a.active:
                     a.active = True
+                    a.host = host
                     added.append(label)
-            old = self._by_host.get((host, port), [])
-            # an address another name still lists stays (two names, one server)
-            elsewhere = {lb for key, lbs in self._by_host.items() if key != (host, port)
-                         for lb in lbs}
-            removed = [lb for lb in old if lb not in labels and lb not in elsewhere]
-            for lb in old:
+            old = self._sources.get(source, {})
+            if listing:
+                self._sources[source] = listing
+            else:
+                self._sources.pop(source, None)
+            elsewhere: dict[str, str] = {}
+            for src, lbs in self._sources.items():
+                if src != source:
+                    for lb, host in lbs.items():
+                        elsewhere.setdefault(lb, host)
+            removed = [lb for lb in old if lb not in listing and lb not in elsewhere]
+            for lb, host in old.items():
                 a = self._by_label.get(lb)
-                if lb not in labels and lb in elsewhere and a is not None and a.host == host:
-                    # reached under another name from now on (host= for TLS and pg_hba)
-                    a.host = next(k[0] for k, lbs in self._by_host.items()
-                                  if k != (host, port) and lb in lbs)
+                if lb not in listing and lb in elsewhere and a is not None and a.host == host:
+                    a.host = elsewhere[lb]  # reached under the other name from now on
             for lb in removed:
                 a = self._by_label[lb]
                 a.active = False
                 if a.load == 0:
                     del self._by_label[lb]
-            if labels:
-                self._by_host[(host, port)] = labels
-            else:
-                self._by_host.pop((host, port), None)
         return added, removed
+
+    def sources(self) -> dict[str, list[str]]:
+        """{source: the labels it lists}."""
+        with self._lock:
+            return {src: list(labels) for src, labels in self._sources.items()}
+
+    def listed(self, source: str) -> list[str]:
+        """The labels ``source`` lists."""
+        with self._lock:
+            return list(self._sources.get(source, {}))
+
+    def sync(self, host: str, port: str, ips: Iterable[str | None]) -> tuple[list[str], list[str]]:
+        """Make ``ips`` the members of ``host:port``'s DNS source (following this answer
+        exactly). Returns (added, removed) labels."""
+        return self.set_members(dns_source(host, port), [Member(host, ip, port) for ip in ips])
+
+    def observe(
+        self,
+        host: str,
+        port: str,
+        answer: Iterable[str],
+        seen: Mapping[str, float],
+        now: float,
+        window: float,
+    ) -> tuple[list[str], list[str]]:
+        """Set the members of ``host:port``'s DNS source from its answers: the ``answer``
+        (the latest one's addresses), plus every address in ``seen`` ({ip: when an answer last
+        named it}, on the pool's clock) named less than ``window`` seconds before ``now`` and
+        not failed since. Returns (added, removed) labels, as :meth:`set_members`."""
+        latest = list(dict.fromkeys(answer))
+        members = list(latest)
+        with self._lock:
+            for ip, at in seen.items():
+                if ip in latest or now - at >= window:
+                    continue
+                a = self._by_label.get(address_label(ip, host, port))
+                if a is not None and a.failures > 0 and a.last_failure_at >= at:
+                    continue  # failing since DNS last named it: it leaves
+                members.append(ip)
+        return self.set_members(dns_source(host, port), [Member(host, ip, port) for ip in members])
 
     def get(self, label: str) -> Address | None:
         with self._lock:
@@ -159,10 +257,14 @@ class AddressBook:
     ) -> tuple[str, str, int] | None:
         """(most loaded, least loaded, difference) over healthy active addresses, when the
         spread is uneven by more than one; else None. ``discount`` takes connections already on
-        their way out off their address's load."""
+        their way out off their address's load. An address whose last connect failed (its ban
+        over, no success since) is not healthy here: new connections still try it in
+        placement order, but nothing is moved toward it until one succeeds (a member that
+        refuses would otherwise draw a move at the end of every ban)."""
         discount = discount or {}
         with self._lock:
-            healthy = [a for a in self._by_label.values() if a.active and a.banned_until <= now]
+            healthy = [a for a in self._by_label.values()
+                       if a.active and a.banned_until <= now and a.failures == 0]
             if len(healthy) < 2:
                 return None
             self._rng.shuffle(healthy)

@@ -17,17 +17,24 @@ import os
 import random
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 
-from .addresses import Address, AddressBook
+from .addresses import DEFAULT_MEMBERSHIP_WINDOW_S, Address, AddressBook, Member, dns_source
 from .clock import REAL_CLOCK, Clock
 from .credentials import Credentials, PasswordProvider
-from .resolver import DnsSettings, HostResolver, ResolutionError, is_ip_literal, is_socket_path
+from .resolver import (
+    Answer,
+    DnsSettings,
+    HostResolver,
+    ResolutionError,
+    is_ip_literal,
+    is_socket_path,
+)
 from .topology import (
     ClusterTopology,
     check_instance_host_pattern,
@@ -151,6 +158,15 @@ class ConnectFailed(Exception):
         super().__init__(f"cannot connect to {target}: " + "; ".join(parts))
 
 
+def check_membership_window(window: float) -> float:
+    """``dns_membership_window``: seconds in 0..3600 (0 follows each DNS answer exactly).
+    Raises ``ValueError``."""
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not (
+            0 <= window <= 3600):
+        raise ValueError(f"dns_membership_window must be seconds in 0..3600, got {window!r}")
+    return float(window)
+
+
 def classify(exc: BaseException) -> str:
     """What a failed connect says about the address."""
     text = str(exc)
@@ -197,9 +213,11 @@ class Connector:
         discovery: str = "auto",
         instance_host_pattern: str | None = None,
         topology_refresh_interval: float = 30.0,
+        membership_window: float = DEFAULT_MEMBERSHIP_WINDOW_S,
         **connect_kwargs: Any,
     ) -> None:
         self.name = name
+        self.membership_window = check_membership_window(membership_window)
         password_file = connect_kwargs.pop("password_file", None)
         password_provider = connect_kwargs.pop("password_provider", None)
         extra = {k: connect_kwargs.pop(k) for k in list(connect_kwargs) if k in _PSYCOPG_KEYS}
@@ -395,14 +413,14 @@ class Connector:
         now = self.clock.monotonic()
         errors: list[ResolutionError] = []
         unresolved: set[tuple[str, str]] = set()
-        wanted: dict[tuple[str, str], tuple[str | None, ...]] = {}
+        wanted: dict[tuple[str, str], Answer] = {}
         for t in members:
             if not t.needs_dns:
                 continue
             if source == "topology" and self._skipped.get(t.host, -math.inf) > now:
                 continue
             try:
-                wanted[(t.host, t.port)] = self.resolver.addresses(t.host)
+                wanted[(t.host, t.port)] = self.resolver.answer(t.host)
             except ResolutionError as exc:
                 if source == "topology":  # an instance id with no DNS record: skip it
                     self._skip_instance(t.host, now, exc)
@@ -421,29 +439,35 @@ class Connector:
             logger.info("pool %s: members from %s (%s)", self.name, source,
                         ", ".join(h for h, _ in wanted) or self.host_label)
             self.members_from = source
-        self._apply(wanted, unresolved)
+        # the configured names are sampled into a membership (rotating answers); the topology's
+        # instance endpoints (one A record each) are followed answer by answer
+        self._apply(wanted, unresolved, self.membership_window if source == "dns" else 0.0)
         return errors
 
     def _sync_dns_only(self) -> list[ResolutionError]:
         errors: list[ResolutionError] = []
         unresolved: set[tuple[str, str]] = set()
-        wanted: dict[tuple[str, str], tuple[str | None, ...]] = {}
+        wanted: dict[tuple[str, str], Answer] = {}
         for t in self.targets:
             if not t.needs_dns:
                 continue
             try:
-                wanted[(t.host, t.port)] = self.resolver.addresses(t.host)
+                wanted[(t.host, t.port)] = self.resolver.answer(t.host)
             except ResolutionError as exc:
                 errors.append(exc)
                 unresolved.add((t.host, t.port))
         self.members_from = "dns"
-        self._apply(wanted, unresolved)
+        self._apply(wanted, unresolved, self.membership_window)
         return errors
 
-    def _apply(self, wanted: Mapping[tuple[str, str], tuple[str | None, ...]],
-               unresolved: set[tuple[str, str]]) -> None:
-        for (host, port), ips in wanted.items():
-            _, removed = self.book.sync(host, port, ips)
+    def _apply(self, wanted: Mapping[tuple[str, str], Answer],
+               unresolved: set[tuple[str, str]], window: float) -> None:
+        """Each name's members into the book: the addresses its answers named within
+        ``window`` seconds and not failing since (:meth:`AddressBook.observe`; 0: the latest
+        answer only); names no longer wanted leave."""
+        now = self.clock.monotonic()
+        for (host, port), ans in wanted.items():
+            _, removed = self.book.observe(host, port, ans.addresses, ans.seen, now, window)
             self._removed.extend(removed)
         for host, port in self._synced - set(wanted) - unresolved:
             _, removed = self.book.sync(host, port, [])  # a member that left
@@ -514,6 +538,51 @@ class Connector:
         for name in names:
             self.resolver.expedite(name, now)
         return bool(names) or self.topology is not None
+
+    def set_members(
+        self,
+        source: str,
+        members: Mapping[str, str] | Iterable[Member | tuple[str, str | None, str]],
+    ) -> tuple[list[str], list[str]]:
+        """Add the members another source gives this pool (a user's list, a service
+        registry): ``members`` as ``{host: ip}`` (on the port of the pool's first host) or as
+        ``Member(host, ip, port)`` tuples; an empty one withdraws the source. They add to the
+        members DNS or the topology give (an address is a member while any source lists it).
+        Addresses no source lists any more are retired by the pool at its next maintenance
+        step. ``source`` must not start with ``dns:`` (DNS names' own). Returns (added,
+        removed) labels."""
+        if source.startswith("dns:"):
+            raise ValueError(f"source {source!r}: 'dns:' sources are the DNS names' own")
+        if isinstance(members, Mapping):
+            port = self.targets[0].port if self.targets else "5432"
+            listed = [Member(host, ip, port) for host, ip in members.items()]
+        else:
+            listed = [Member(*m) for m in members]
+        added, removed = self.book.set_members(source, listed)
+        self._removed.extend(removed)
+        return added, removed
+
+    def dns_stats(self) -> dict[str, dict[str, Any]]:
+        """``stats()["dns"]``: per name this pool resolves, its latest answer (addresses, the
+        canonical name at the end of its CNAME chain, TTL, sightings, failures per family) and
+        its members (the addresses in the book from it) with the membership window."""
+        if self._resolver is None:
+            return {}
+        names = self._names()
+        ports = {h.lower(): p for h, p in self._synced} | {
+            t.host.lower(): t.port for t in self.targets if t.needs_dns}
+        now = self.clock.monotonic()
+        sources = self.book.sources()
+        out: dict[str, dict[str, Any]] = {}
+        for name, ans in self.resolver.answers().items():
+            if name not in names:
+                continue
+            row = ans.stats(now)
+            row["members"] = sources.get(dns_source(name, ports.get(name, "")), [])
+            row["membership_window_s"] = (
+                self.membership_window if self.members_from == "dns" else 0.0)
+            out[name] = row
+        return out
 
     def discovery_stats(self) -> dict[str, Any]:
         """``discovery``, where the members come from, and the shared topology's state."""

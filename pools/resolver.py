@@ -1,11 +1,34 @@
 """Host name resolution with dnspython: explicit settings, a TTL-aware cache on the injected
-clock, and stale-if-error.
+clock, stale-if-error, and the sightings that membership of rotating names is built from.
 
-A pool asks :meth:`HostResolver.addresses` at connect time (answered from the cache; only a
-name never resolved, or whose answer is past its grace period, is queried there). The
-supervisor calls :meth:`HostResolver.refresh` before an answer expires, so checkouts do not wait
-on DNS. When a refresh fails (timeout, SERVFAIL, NXDOMAIN, ...) the last good answer keeps
-serving for ``stale_grace`` seconds past its expiry, with a warning and a counter.
+A pool asks :meth:`HostResolver.answer` (or :meth:`~HostResolver.addresses`) at connect time
+(answered from the cache; only a name never resolved, or whose answer is past its grace period,
+is queried there). The supervisor calls :meth:`HostResolver.refresh` before an answer expires,
+so checkouts do not wait on DNS. When a refresh fails (timeout, SERVFAIL, NXDOMAIN, ...) the last
+good answer keeps serving for ``stale_grace`` seconds past its expiry, with a warning and a
+counter.
+
+What DNS really answers, and what this module does about it:
+
+- **CNAME chains.** Aurora's endpoints are CNAMEs (the reader endpoint: TTL 1 s) to an instance
+  endpoint (one A record, TTL 5 s). An answer is cached for the smallest TTL along its chain
+  (dnspython's ``Answer.chaining_result.minimum_ttl``; ``Answer.rrset.ttl`` is the last
+  record's only), and the chain's end is kept as the answer's ``canonical_name``.
+- **Rotating answers.** Aurora's reader and custom endpoints answer ONE instance per query,
+  at random; other round-robin setups answer a different subset each time. Every address an
+  answer names is remembered with the time it was last named (``Answer.seen``), so a pool can
+  take the union over a window as the name's members (:meth:`AddressBook.observe`) instead of
+  following each answer. The supervisor samples the name at its TTL (``refresh_ahead`` of it).
+- **One family failing.** A and AAAA are asked one after the other; a family that times out or
+  fails (a resolver that drops AAAA, or answers it SERVFAIL) does not discard the other's
+  answer: it is counted per name (``Answer.family_failures``) and warned once. The second family
+  gets only a short slice of the lookup's ``lifetime`` (:func:`second_family_slice`), so a
+  dropped AAAA costs at most that, not the whole lifetime.
+- **Special names.** ``localhost`` and ``*.localhost`` (RFC 6761) are loopback and never asked
+  of DNS, even with ``nameservers`` configured: they answer what the system gives for
+  ``localhost`` (``/etc/hosts``), or ``127.0.0.1``/``::1``. Other ``/etc/hosts`` names go to
+  the system's lookup only when no ``nameservers`` are configured (the system's order: files
+  before DNS); with ``nameservers``, only those nameservers are asked.
 """
 
 from __future__ import annotations
@@ -14,8 +37,9 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import dns.exception
@@ -25,9 +49,20 @@ import dns.resolver
 from .clock import REAL_CLOCK, Clock
 from .errors import PoolError
 
-__all__ = ["DnsSettings", "HostResolver", "ResolutionError", "Answer", "is_ip_literal"]
+__all__ = [
+    "DnsSettings",
+    "HostResolver",
+    "ResolutionError",
+    "Answer",
+    "is_ip_literal",
+    "is_loopback_name",
+    "second_family_slice",
+]
 
 logger = logging.getLogger(__name__)
+
+SEEN_HISTORY_S = 3600.0  # sightings older than this are forgotten (the longest useful window)
+_RDTYPE_FAMILY = {"A": "ipv4", "AAAA": "ipv6"}
 
 
 class ResolutionError(PoolError):
@@ -120,6 +155,44 @@ class Answer:
     # past the grace with refreshes still failing: no addresses to serve, this error instead
     # (kept, so stats still show the name and connects fail fast until the next retry)
     error: ResolutionError | None = None
+    # the end of the CNAME chain of the latest answer (the name itself when there is none)
+    canonical_name: str = ""
+    # every address an answer named, with when it was last named (the resolver's clock) and
+    # under which canonical name: what membership of a rotating name is built from
+    seen: dict[str, float] = field(default_factory=dict)
+    seen_as: dict[str, str] = field(default_factory=dict)
+    changes: int = 0  # refreshes whose address set differed from the one before
+    family_failures: dict[str, int] = field(default_factory=dict)  # "AAAA" -> count
+    family_error: str | None = None  # the last failure of one family while the other answered
+
+    def stats(self, now: float) -> dict[str, Any]:
+        """What ``stats()["dns"]`` shows for this name (times in seconds, relative to now)."""
+        return {
+            "addresses": list(self.addresses),
+            "canonical_name": self.canonical_name,
+            "ttl_s": self.ttl,
+            "expires_in_s": self.expires_at - now,
+            "stale": self.stale,
+            "queries": self.queries,
+            "answer_changes": self.changes,
+            "seen": {ip: {"seen_s_ago": max(0.0, now - at), "as": self.seen_as.get(ip, "")}
+                     for ip, at in self.seen.items()},
+            "refresh_failures": self.refresh_failures,
+            "stale_served": self.stale_served,
+            "last_error": self.last_error,
+            "family_failures": dict(self.family_failures),
+            "family_error": self.family_error,
+        }
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """What one query of a name found."""
+
+    addresses: tuple[str, ...]
+    ttl: float
+    canonical_name: str
+    family_errors: dict[str, str] = field(default_factory=dict)  # rdtype -> what went wrong
 
 
 def is_ip_literal(host: str) -> bool:
@@ -130,12 +203,28 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
+def is_loopback_name(host: str) -> bool:
+    """``localhost`` and any name under ``.localhost`` (RFC 6761, section 6.3): loopback."""
+    name = host.rstrip(".").lower()
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def second_family_slice(lifetime: float) -> float:
+    """Seconds of a lookup's ``lifetime`` kept for the second address family (AAAA after A):
+    a fifth of it, between 0.1 and 1 s (1 s of dnspython's default 5 s). The first family gets
+    the rest; the second gets this slice when the first answered (the rest when it failed)."""
+    return min(1.0, max(0.1, lifetime / 5.0))
+
+
 def is_socket_path(host: str) -> bool:
     return host.startswith("/") or host.startswith("@")
 
 
 class HostResolver:
-    """Resolves and caches host names for one pool (or several that share it)."""
+    """Resolves and caches host names for one pool (or several that share it).
+
+    ``settings``: a :class:`DnsSettings` or the YAML ``dns:`` mapping (None: the system's
+    configuration). ``clock``: TTLs, grace periods and sightings are on it."""
 
     def __init__(self, settings: DnsSettings | Mapping[str, Any] | None = None,
                  clock: Clock = REAL_CLOCK) -> None:
@@ -143,6 +232,7 @@ class HostResolver:
         self.clock = clock
         self._lock = threading.Lock()
         self._cache: dict[str, Answer] = {}
+        self._family_warned: set[tuple[str, str]] = set()
         self._dns = self._make_resolver()
 
     def _make_resolver(self) -> dns.resolver.Resolver | None:
@@ -179,8 +269,8 @@ class HostResolver:
         with self._lock:
             return dict(self._cache)
 
-    def addresses(self, name: str) -> tuple[str, ...]:
-        """The addresses of ``name`` from the cache. Queried now only when the name was never
+    def answer(self, name: str) -> Answer:
+        """The answer for ``name`` from the cache. Queried now only when the name was never
         resolved, or its answer expired without a refresh (no supervisor ran). Raises
         :class:`ResolutionError` when there is nothing to serve."""
         now = self.clock.monotonic()
@@ -190,10 +280,14 @@ class HostResolver:
                 if now < ans.refresh_at:
                     raise ans.error  # gone past its grace; not asked again before the retry
             elif now < ans.expires_at:
-                return ans.addresses
+                return ans
             elif ans.stale and now < ans.expires_at + self.settings.stale_grace:
-                return ans.addresses  # refreshing fails; the supervisor keeps trying
-        return self.refresh(name).addresses
+                return ans  # refreshing fails; the supervisor keeps trying
+        return self.refresh(name)
+
+    def addresses(self, name: str) -> tuple[str, ...]:
+        """The addresses of the latest answer for ``name`` (see :meth:`answer`)."""
+        return self.answer(name).addresses
 
     def expedite(self, name: str, now: float) -> None:
         """Have the supervisor refresh ``name`` at its next step instead of at its TTL."""
@@ -221,10 +315,11 @@ class HostResolver:
         key = name.lower()
         now = self.clock.monotonic()
         try:
-            addresses, ttl = self._query(name)
+            found = self._query(name)
         except ResolutionError as exc:
             return self._failed(key, now, exc)
-        ttl = min(max(ttl, self.settings.min_ttl), self.settings.max_ttl)
+        addresses = found.addresses
+        ttl = min(max(found.ttl, self.settings.min_ttl), self.settings.max_ttl)
         with self._lock:
             old = self._cache.get(key)
             ans = Answer(
@@ -234,17 +329,46 @@ class HostResolver:
                 fetched_at=now,
                 expires_at=now + ttl,
                 refresh_at=now + ttl * self.settings.refresh_ahead,
+                canonical_name=found.canonical_name,
             )
             if old is not None:
                 ans.queries = old.queries
                 ans.stale_served = old.stale_served
                 ans.refresh_failures = old.refresh_failures
+                ans.changes = old.changes + (set(old.addresses) != set(addresses))
+                ans.family_failures = dict(old.family_failures)
+                ans.family_error = old.family_error
+                horizon = now - SEEN_HISTORY_S
+                ans.seen = {ip: at for ip, at in old.seen.items() if at > horizon}
+                ans.seen_as = {ip: n for ip, n in old.seen_as.items() if ip in ans.seen}
+            for ip in addresses:
+                ans.seen[ip] = now
+                ans.seen_as[ip] = found.canonical_name
             ans.queries += 1
+            for rdtype, error in found.family_errors.items():
+                ans.family_failures[rdtype] = ans.family_failures.get(rdtype, 0) + 1
+                ans.family_error = f"{rdtype}: {error}"
+            warn = [(key, t) for t in found.family_errors if (key, t) not in self._family_warned]
+            self._family_warned.update(warn)
+            recovered = [t for (n, t) in self._family_warned
+                         if n == key and t not in found.family_errors]
+            for rdtype in recovered:
+                self._family_warned.discard((key, rdtype))
             self._cache[key] = ans
+        for _key, rdtype in warn:
+            logger.warning(
+                "dns: %s: the %s query failed (%s); using the other family's answer (%s)."
+                " Counted in stats; not warned again until it answers",
+                name, rdtype, found.family_errors[rdtype], ", ".join(addresses),
+            )
         if old is not None and old.stale:
             logger.info("dns: %s answers again: %s", name, ", ".join(addresses))
         if old is None or set(old.addresses) != set(addresses):
-            logger.info("dns: %s -> %s (ttl %.0f s)", name, ", ".join(addresses), ttl)
+            via = (f" via {found.canonical_name}"
+                   if found.canonical_name and found.canonical_name != key else "")
+            # a rotating name changes at every refresh: DEBUG after the first answer
+            log = logger.info if old is None or old.changes < 2 else logger.debug
+            log("dns: %s -> %s%s (ttl %.0f s)", name, ", ".join(addresses), via, ttl)
         return ans
 
     def _failed(self, key: str, now: float, exc: ResolutionError) -> Answer:
@@ -284,7 +408,9 @@ class HostResolver:
         )
         return old
 
-    def _query(self, name: str) -> tuple[tuple[str, ...], float]:
+    def _query(self, name: str) -> _Lookup:
+        if is_loopback_name(name):
+            return self._query_loopback(name)
         r = self._dns
         if r is None or (not self.settings.nameservers and name.lower() in _hosts_file_names()):
             return self._query_system(name)  # the system's order: files before DNS
@@ -292,40 +418,78 @@ class HostResolver:
         rdtypes = [t for f, t in (("ipv4", "A"), ("ipv6", "AAAA")) if f in s.families]
         found: list[str] = []
         ttls: list[float] = []
-        deadline = self.clock.monotonic() + s.lifetime
-        nxdomain = None
-        for rdtype in rdtypes:
-            remaining = max(0.1, deadline - self.clock.monotonic())
+        canonical = ""
+        errors: dict[str, str] = {}
+        timed_out: list[str] = []
+        # the lookup's budget is wall time (the network's), never the injected clock's
+        deadline = time.monotonic() + s.lifetime
+        slice_s = second_family_slice(s.lifetime) if len(rdtypes) > 1 else 0.0
+        nxdomain = False
+        for i, rdtype in enumerate(rdtypes):
+            remaining = deadline - time.monotonic()
+            if i == 0:
+                budget = remaining - slice_s  # keep the second family its slice
+            elif found:
+                budget = min(remaining, slice_s)  # the first answered: a short slice only
+            else:
+                budget = remaining
+            budget = max(0.05, budget)
             try:
-                ans = r.resolve(name, rdtype, search=bool(s.search), lifetime=remaining)
+                ans = r.resolve(name, rdtype, search=bool(s.search), lifetime=budget)
             except dns.resolver.NoAnswer:
                 continue  # the name exists, without records of this type
-            except dns.resolver.NXDOMAIN as exc:
-                nxdomain = exc
+            except dns.resolver.NXDOMAIN:
+                nxdomain = True
                 break
             except dns.resolver.LifetimeTimeout:
-                raise self._error(name, f"no answer within {s.lifetime:g} s") from None
+                errors[rdtype] = f"no answer within {budget:.2g} s"
+                timed_out.append(rdtype)
+                continue
             except dns.resolver.NoNameservers as exc:
-                raise self._error(name, _rcodes(exc)) from None
+                errors[rdtype] = _rcodes(exc)
+                continue
             except dns.exception.DNSException as exc:
-                raise self._error(name, f"{type(exc).__name__}: {exc}") from None
+                errors[rdtype] = f"{type(exc).__name__}: {exc}"
+                continue
             rrset = ans.rrset
             if rrset is None:
                 continue
             found.extend(rd.address for rd in rrset)
-            ttls.append(float(rrset.ttl))
-        if nxdomain is not None or not found:
+            # the smallest TTL along the CNAME chain, not only the last record's
+            ttls.append(float(ans.chaining_result.minimum_ttl))
+            if not canonical or rdtype == "A":
+                canonical = ans.canonical_name.to_text(omit_final_dot=True).lower()
+        if nxdomain or not found:
             if not s.nameservers:
                 try:
                     return self._query_system(name)  # /etc/hosts and friends
                 except ResolutionError:
                     pass
-            what = "NXDOMAIN (no such name)" if nxdomain is not None else (
-                f"no {' or '.join(rdtypes)} records")
-            raise self._error(name, what)
-        return tuple(dict.fromkeys(found)), min(ttls)
+            if nxdomain:
+                raise self._error(name, "NXDOMAIN (no such name)")
+            if errors and len(timed_out) == len(errors) == len(rdtypes):
+                raise self._error(name, f"no answer within {s.lifetime:g} s")
+            if errors:
+                raise self._error(name, "; ".join(
+                    e if len(errors) == 1 else f"{t}: {e}" for t, e in errors.items()))
+            raise self._error(name, f"no {' or '.join(rdtypes)} records")
+        return _Lookup(tuple(dict.fromkeys(found)), min(ttls), canonical or name.lower(),
+                       errors)
 
-    def _query_system(self, name: str) -> tuple[tuple[str, ...], float]:
+    def _query_loopback(self, name: str) -> _Lookup:
+        """``localhost`` and ``*.localhost``: what the system says ``localhost`` is (never DNS),
+        or the loopback addresses when it says nothing."""
+        fams = self.settings.families
+        try:
+            addrs = self._query_system("localhost").addresses
+        except ResolutionError:
+            addrs = ()
+        if not addrs:
+            addrs = tuple(ip for ip, fam in (("127.0.0.1", "ipv4"), ("::1", "ipv6"))
+                          if fam in fams)
+        return _Lookup(addrs, self.settings.max_ttl, name.lower())
+
+    def _query_system(self, name: str) -> _Lookup:
         fams = self.settings.families
         family = (socket.AF_UNSPEC if len(fams) == 2 else
                   socket.AF_INET if fams == ("ipv4",) else socket.AF_INET6)
@@ -335,7 +499,7 @@ class HostResolver:
             raise self._error(name, f"system lookup failed: {exc.strerror}") from None
         addrs = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
         # the system lookup gives no TTL: hold it for the minimum, re-asked often
-        return addrs, max(self.settings.min_ttl, 5.0)
+        return _Lookup(addrs, max(self.settings.min_ttl, 5.0), name.lower())
 
     def _error(self, name: str, answer: str) -> ResolutionError:
         ns = self.settings.describe_nameservers()
