@@ -39,6 +39,7 @@ __all__ = [
     "PLACEMENTS",
     "DEFAULT_MEMBERSHIP_WINDOW_S",
     "address_label",
+    "check_membership_window",
     "dns_source",
 ]
 
@@ -54,6 +55,15 @@ PLACEMENTS = ("least_connections", "random")
 # would drop one every ~3 days, 120 s about once an hour.) A dropped member costs only its
 # connections being retired; it comes back at its next sighting.
 DEFAULT_MEMBERSHIP_WINDOW_S = 300.0
+
+
+def check_membership_window(window: float) -> float:
+    """``dns_membership_window``: seconds in 0..3600 (0 follows each DNS answer exactly).
+    Raises ``ValueError``."""
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not (
+            0 <= window <= 3600):
+        raise ValueError(f"dns_membership_window must be seconds in 0..3600, got {window!r}")
+    return float(window)
 
 
 class Member(NamedTuple):

@@ -24,7 +24,13 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from .addresses import DEFAULT_MEMBERSHIP_WINDOW_S, Address, AddressBook, Member, dns_source
+from .addresses import (
+    DEFAULT_MEMBERSHIP_WINDOW_S,
+    Address,
+    AddressBook,
+    Member,
+    check_membership_window,
+)
 from .clock import REAL_CLOCK, Clock
 from .credentials import Credentials, PasswordProvider
 from .resolver import (
@@ -156,15 +162,6 @@ class ConnectFailed(Exception):
         if not attempts and not resolution:
             parts = ["no address to try"]
         super().__init__(f"cannot connect to {target}: " + "; ".join(parts))
-
-
-def check_membership_window(window: float) -> float:
-    """``dns_membership_window``: seconds in 0..3600 (0 follows each DNS answer exactly).
-    Raises ``ValueError``."""
-    if isinstance(window, bool) or not isinstance(window, (int, float)) or not (
-            0 <= window <= 3600):
-        raise ValueError(f"dns_membership_window must be seconds in 0..3600, got {window!r}")
-    return float(window)
 
 
 def classify(exc: BaseException) -> str:
@@ -303,6 +300,11 @@ class Connector:
     @resolver.setter
     def resolver(self, value: HostResolver) -> None:
         self._resolver = value
+
+    @property
+    def resolver_or_none(self) -> HostResolver | None:
+        """The resolver, if one was needed yet (IP literals never need one)."""
+        return self._resolver
 
     @property
     def host_label(self) -> str:
@@ -561,28 +563,6 @@ class Connector:
         added, removed = self.book.set_members(source, listed)
         self._removed.extend(removed)
         return added, removed
-
-    def dns_stats(self) -> dict[str, dict[str, Any]]:
-        """``stats()["dns"]``: per name this pool resolves, its latest answer (addresses, the
-        canonical name at the end of its CNAME chain, TTL, sightings, failures per family) and
-        its members (the addresses in the book from it) with the membership window."""
-        if self._resolver is None:
-            return {}
-        names = self._names()
-        ports = {h.lower(): p for h, p in self._synced} | {
-            t.host.lower(): t.port for t in self.targets if t.needs_dns}
-        now = self.clock.monotonic()
-        sources = self.book.sources()
-        out: dict[str, dict[str, Any]] = {}
-        for name, ans in self.resolver.answers().items():
-            if name not in names:
-                continue
-            row = ans.stats(now)
-            row["members"] = sources.get(dns_source(name, ports.get(name, "")), [])
-            row["membership_window_s"] = (
-                self.membership_window if self.members_from == "dns" else 0.0)
-            out[name] = row
-        return out
 
     def discovery_stats(self) -> dict[str, Any]:
         """``discovery``, where the members come from, and the shared topology's state."""

@@ -30,6 +30,7 @@ from typing import Any
 
 import psycopg2.extensions as ext
 
+from .addresses import DEFAULT_MEMBERSHIP_WINDOW_S, check_membership_window
 from .bag import Bag
 from .clock import REAL_CLOCK, Clock, RealClock
 from .connector import Connector
@@ -134,6 +135,14 @@ class ConnectionPool:
     :param reset: called with each returned connection (after the rollback); if it raises, the
         connection is discarded.
     :param autocommit: set ``conn.autocommit`` on every new connection.
+    :param dns_membership_window: seconds (float, 0..3600, default 300) an address a host
+        name's DNS answers named stays a member of the pool after the last answer that named
+        it. A name whose answers rotate (Aurora's reader endpoint answers ONE instance per
+        query) is the union of its answers over this window, so a rotation never closes a
+        connection; an address that DNS no longer names leaves when the window ends, or at
+        once when connecting to it fails. 0 follows each answer exactly. The default keeps a
+        member of a 15-instance endpoint sampled every second with odds of being dropped by
+        chance of 1e-9 per window (see ``pgregistry.pools.addresses``). Live (``retune``).
     """
 
 
@@ -149,6 +158,7 @@ class ConnectionPool:
     rebalance_interval = _Setting("_placement", "rebalance_interval")
     role_check_interval = _Setting("_roles", "check_interval")
     ping_timeout = _Setting("_watchdog", "ping_timeout")
+    dns_membership_window = _Setting("_connector", "membership_window")
 
     def __init__(
         self,
@@ -188,6 +198,7 @@ class ConnectionPool:
         ping_timeout: float = 5.0,
         query_timeout: float | None = None,
         recycle: str | None = None,
+        dns_membership_window: float = DEFAULT_MEMBERSHIP_WINDOW_S,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(minconn, maxconn)
@@ -220,7 +231,7 @@ class ConnectionPool:
         self._connector = Connector(
             dsn, dns=dns, resolver=resolver, clock=self._clock, placement=placement,
             ban_initial=address_ban, ban_max=address_ban_max, rng=self._rng, name=self.name,
-            **connect_kwargs,
+            membership_window=dns_membership_window, **connect_kwargs,
         )
         self._dedicated = Dedicated(self.name, self._connector)  # listeners' connections
         self._role = role
@@ -457,6 +468,7 @@ class ConnectionPool:
         "reuse", "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement",
         "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval",
         "role_check_interval", "leak_detection_threshold", "ping_timeout", "recycle",
+        "dns_membership_window",
     })
 
     def retune(self, **settings: Any) -> None:
@@ -483,6 +495,8 @@ class ConnectionPool:
             self._bag.set_reuse(reuse == "fifo")
         settings.pop("background_prewarm", None)  # only meaningful at start
         recycle = settings.pop("recycle", self.recycle)
+        if "dns_membership_window" in settings:
+            check_membership_window(settings["dns_membership_window"])
         for key, value in settings.items():
             setattr(self, key, value)
         self.recycle = recycle  # last: a recycle mode decides test_on_borrow

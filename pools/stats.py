@@ -16,6 +16,7 @@ import bisect
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from .addresses import dns_source
 from .entry import IDLE, IN_USE, RETURNING, Entry
 from .errors import PoolClosed, PoolTimeout, PoolTooManyWaiters
 
@@ -164,22 +165,21 @@ def address_stats(
 
 
 def dns_stats(connector: Connector, now: float) -> dict[str, dict[str, Any]]:
-    """The pool's DNS names: current answer, TTL, staleness, queries and failures."""
-    names = {t.host.lower() for t in connector.targets if t.needs_dns}
+    """The pool's DNS names (its hosts that need a lookup): the latest answer (addresses,
+    the canonical name at the end of its CNAME chain, TTL, staleness, queries, failures, per
+    family too, sightings) and its members (the addresses in the book from it) with the
+    membership window in force (0 while the topology gives the members)."""
+    ports = {t.host.lower(): t.port for t in connector.targets if t.needs_dns}
+    if not ports or connector.resolver_or_none is None:
+        return {}
+    sources = connector.book.sources()
+    window = connector.membership_window if connector.members_from == "dns" else 0.0
     out: dict[str, dict[str, Any]] = {}
-    if not names:
-        return out
-    for name, ans in connector.resolver.answers().items():
-        if name not in names:
+    for name, ans in connector.resolver_or_none.answers().items():
+        if name not in ports:
             continue
-        out[name] = {
-            "addresses": list(ans.addresses),
-            "ttl_s": ans.ttl,
-            "expires_in_s": ans.expires_at - now,
-            "stale": ans.stale,
-            "queries": ans.queries,
-            "refresh_failures": ans.refresh_failures,
-            "stale_served": ans.stale_served,
-            "last_error": ans.last_error,
-        }
+        row = ans.stats(now)
+        row["members"] = sources.get(dns_source(name, ports[name]), [])
+        row["membership_window_s"] = window
+        out[name] = row
     return out

@@ -27,7 +27,8 @@ Families (counters end in ``_total`` in the exposition):
   ``address_banned``, ``address_ban_remaining_seconds``, ``address_connects``,
   ``address_connect_failures``;
 - DNS names: ``dns_addresses``, ``dns_ttl_seconds``, ``dns_expires_in_seconds``, ``dns_stale``,
-  ``dns_queries``, ``dns_refresh_failures``, ``dns_stale_served``;
+  ``dns_queries``, ``dns_refresh_failures``, ``dns_stale_served``, ``dns_members``,
+  ``dns_answer_changes``, ``dns_family_failures`` {rdtype};
 - the registry: ``registry_generation``, ``registry_reloads``, ``registry_reload_errors``,
   ``registry_last_reload_timestamp_seconds``, ``registry_last_reload_success``,
   ``registry_last_reload_duration_seconds``, ``registry_draining_pools``.
@@ -294,6 +295,7 @@ def _address_series(out: _Families, pool: str, address: str, a: Mapping[str, Any
 
 def _dns_series(out: _Families, pool: str, name: str, d: Mapping[str, Any]) -> None:
     addresses = d.get("addresses")
+    members = d.get("members")
     rows: tuple[tuple[str, str, str, Any], ...] = (
         ("gauge", "dns_addresses", "Addresses in the current answer for the name.",
          len(addresses) if isinstance(addresses, (list, tuple)) else None),
@@ -309,8 +311,19 @@ def _dns_series(out: _Families, pool: str, name: str, d: Mapping[str, Any]) -> N
          d.get("refresh_failures")),
         ("counter", "dns_stale_served", "Times an expired answer was used for the name.",
          d.get("stale_served")),
+        ("gauge", "dns_members",
+         "Addresses the pool uses for the name: those its answers named within the membership "
+         "window (a rotating name's union).", len(members) if isinstance(members, list) else None),
+        ("counter", "dns_answer_changes", "Refreshes whose addresses differed from the last.",
+         d.get("answer_changes")),
     )
     _add_rows(out, ("pool", "name"), [pool, name], rows)
+    families = d.get("family_failures")
+    for family, n in (families.items() if isinstance(families, Mapping) else ()):
+        _add_rows(out, ("pool", "name", "rdtype"), [pool, name, str(family)], (
+            ("counter", "dns_family_failures",
+             "Queries of one address family (A or AAAA) that failed while the other answered.",
+             n),))
 
 
 def _registry_series(out: _Families, r: Mapping[str, Any]) -> None:

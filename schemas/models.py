@@ -77,6 +77,7 @@ POOL_KEYWORDS = frozenset({
     "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval", "role",
     "role_check_interval", "leak_detection_threshold", "ping_timeout", "query_timeout",
     "fallback", "recycle", "discovery", "instance_host_pattern", "topology_refresh_interval",
+    "dns_membership_window",
 })
 
 #: The pool keywords a running pool takes in place; changing anything else (the DSN, a libpq
@@ -86,7 +87,7 @@ LIVE_KEYWORDS = frozenset({
     "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting", "reuse",
     "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement", "address_ban",
     "address_ban_max", "rebalance_fraction", "rebalance_interval", "role_check_interval",
-    "leak_detection_threshold", "ping_timeout", "fallback", "recycle",
+    "leak_detection_threshold", "ping_timeout", "fallback", "recycle", "dns_membership_window",
 })
 
 #: libpq connection parameters a pool may set (``password`` is a secret, see below).
@@ -441,6 +442,14 @@ class _PoolFields(ConfigModel):
               description="An instance endpoint with '?' for the instance id, e.g. "
                           "'?.abc123.eu-west-1.rds.amazonaws.com'. Derived from an RDS host "
                           "name when not set; required for discovery: aurora otherwise."))
+    dns_membership_window: Float = Field(
+        default=300.0, ge=0, le=3600,
+        description="Seconds an address a host name's DNS answers named stays a member of the "
+                    "pool after the last answer that named it: a name whose answers rotate "
+                    "(Aurora's reader endpoint answers one instance per query) is the union of "
+                    "its answers over this window, so a rotation never closes a connection; an "
+                    "address DNS no longer names leaves when the window ends, or at once when "
+                    "connecting to it fails. 0 follows each answer exactly.")
     topology_refresh_interval: PosFloat = Field(
         default=30.0,
         description="Seconds between refreshes of an Aurora cluster's topology (every second "

@@ -201,8 +201,7 @@ def test_a_removed_address_leaves_after_the_membership_window(
 ):
     r1, r2 = pg_cluster.replicas
     dns_server.set_a(READERS, [r1.host, r2.host], ttl=1)
-    pool = dns_pool(READERS, pg_cluster.port, minconn=4, maxconn=6)
-    pool._connector.membership_window = 10.0  # (the dns_membership_window keyword)
+    pool = dns_pool(READERS, pg_cluster.port, minconn=4, maxconn=6, dns_membership_window=10)
     stepped.run_until_idle()
     held = pool.getconn()  # one checked out, wherever it is
     held_addr = server_addr(held)
@@ -239,7 +238,7 @@ def test_with_window_0_a_removed_address_is_not_handed_out_after_the_next_refres
     r1, r2 = pg_cluster.replicas
     dns_server.set_a(READERS, [r1.host, r2.host], ttl=1)
     pool = dns_pool(READERS, pg_cluster.port, minconn=4, maxconn=6)
-    pool._connector.membership_window = 0.0  # follow each answer exactly
+    pool.retune(dns_membership_window=0)  # follow each answer exactly
     stepped.run_until_idle()
     dns_server.set_a(READERS, [r1.host], ttl=1)
     stepped.clock.advance(1.0)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from helpers import hold, run_load_for, wait_until
-from pgregistry.pools import FakeClock, Supervisor
+from pgregistry.pools import ConnectionPool, FakeClock, Supervisor
 from pgregistry.pools.addresses import DEFAULT_MEMBERSHIP_WINDOW_S, AddressBook, Member
 from pgregistry.testing.cluster import LocalCluster
 from pgregistry.testing.dns import DnsServer
@@ -27,7 +27,7 @@ PORT = "5432"
 
 def dns_stats(pool):
     """``stats()["dns"]`` of the pool, with members and sightings."""
-    return pool._connector.dns_stats()
+    return pool.stats()["dns"]
 
 
 def active(book: AddressBook) -> set[str]:
@@ -82,7 +82,10 @@ def test_sources_add_up_and_each_withdraws_only_its_own():
     added, _ = book.set_members("topology", [Member("i2.c1.test", "127.0.0.12", PORT),
                                              Member("i3.c1.test", "127.0.0.13", PORT)])
     assert added == ["127.0.0.13:5432"]
-    assert book.get("127.0.0.12:5432").host == "i2.c1.test"  # the latest source's name
+    assert book.get("127.0.0.12:5432").host == "r.test"  # the name it was first reached under
+    assert book.sync("r.test", PORT, [])[1] == []  # the topology still lists it
+    assert book.get("127.0.0.12:5432").host == "i2.c1.test"  # reached under that name now
+    book.sync("r.test", PORT, ["127.0.0.12"])
     assert book.set_members("topology", [])[1] == ["127.0.0.13:5432"]  # .12: DNS still has it
     assert active(book) == {"127.0.0.12:5432"}
     assert book.sources() == {"dns:r.test:5432": ["127.0.0.12:5432"]}
@@ -147,7 +150,7 @@ def test_the_membership_window_ends_a_departed_member(pg_cluster, rotating_pool,
                                                        dns_server):
     r1, r2 = pg_cluster.replicas
     pool = rotating_pool([r1.host, r2.host], minconn=2, maxconn=2)
-    pool._connector.membership_window = 20.0  # (the dns_membership_window keyword)
+    pool.retune(dns_membership_window=20.0)
     for _ in range(10):
         stepped.clock.advance(0.8)
         stepped.run_until_idle()
@@ -289,3 +292,36 @@ def test_rotation_without_topology_a_reader_pool_of_6_over_3_readers(three_reade
         assert closed_dns <= 2
         assert opened <= 14
         assert found_all and found_all[0] < 25
+
+
+# -- the pool key ------------------------------------------------------------------------------
+
+
+def test_dns_membership_window_from_yaml_and_live_on_reload(tmp_path, dns_server, pg_cluster):
+    from pgregistry import ConfigError, Registry
+
+    path = tmp_path / "pools.yaml"
+
+    def write(window: object) -> None:
+        path.write_text(
+            "version: 1\n"
+            f"dns: {{nameservers: [127.0.0.1], port: {dns_server.port}}}\n"
+            "pools:\n"
+            "  readers:\n"
+            f"    dsn: host={READER} port={pg_cluster.port} user=postgres dbname=postgres\n"
+            "    minconn: 0\n"
+            f"    dns_membership_window: {window}\n")
+
+    write(45)
+    sup = Supervisor(clock=FakeClock(), start=False)
+    with Registry.from_yaml(path, supervisor=sup, install_sighup=False) as reg:
+        pool = reg.get("readers").pool
+        assert pool.dns_membership_window == 45
+        write(0)
+        reg.reload()
+        assert pool.dns_membership_window == 0  # the same pool, retuned in place
+        write(-1)
+        with pytest.raises(ConfigError, match="dns_membership_window"):
+            reg.reload()
+    with pytest.raises(ValueError, match="dns_membership_window"):
+        ConnectionPool(minconn=0, dsn="host=x.test", dns_membership_window=-1)
