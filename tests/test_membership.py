@@ -130,20 +130,32 @@ def test_rotation_never_closes_a_connection_and_the_pool_spreads(
     assert sorted(dns["seen"]) == sorted([r1.host, r2.host])
 
 
-def test_a_failing_member_that_rotated_out_leaves(pg_cluster, rotating_pool, stepped):
+def test_a_failing_member_that_rotated_out_leaves(pg_cluster, rotating_pool, stepped,
+                                                  dns_server):
     r1 = pg_cluster.replicas[0]
     dead = "127.0.0.29"  # nothing listens: refused
-    pool = rotating_pool([r1.host, dead], minconn=2, maxconn=2)
-    for _ in range(20):
+    dead_label = f"{dead}:{pg_cluster.port}"
+    pool = rotating_pool([r1.host, dead], minconn=2, maxconn=3)
+    for _ in range(40):
         stepped.run_until_idle()
+        if dead in dns_stats(pool)[READER]["seen"]:
+            break
         stepped.clock.advance(0.8)
     stepped.run_until_idle()
-    labels = {lb for lb, a in pool.stats()["addresses"].items() if a["active"]}
     assert r1.backend_count(pool.app) == 2
-    # the dead one comes and goes: named by the latest answer it is a (banned) member, and it
-    # leaves at the first sync after it failed while not named
-    latest = dns_stats(pool)[READER]["addresses"]
-    assert (f"{dead}:{pg_cluster.port}" in labels) == (dead in latest)
+    assert pool.stats()["addresses"][dead_label]["active"]  # a member: DNS named it
+    dns_server.set_rotating(READER, [r1.host], ttl=1)  # no longer named (still in the window)
+    for _ in range(3):
+        stepped.clock.advance(0.8)
+        stepped.run_until_idle()
+    stepped.clock.advance(120)  # past any ban: the next connect tries it first (least loaded)
+    stepped.run_until_idle()
+    held = [pool.getconn() for _ in range(3)]  # the third opens: refused there, r1 takes it
+    assert pool.stats()["addresses"].get(dead_label, {}).get("active") is not True
+    assert r1.backend_count(pool.app) == 3
+    assert pool.stats()["closed_by_reason"].get("dns_change", 0) == 0
+    for c in held:
+        pool.putconn(c)
 
 
 def test_the_membership_window_ends_a_departed_member(pg_cluster, rotating_pool, stepped,
