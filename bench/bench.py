@@ -63,6 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, help="W1/W2 rounds (default 80; --quick 1)")
     ap.add_argument("--slice", type=float, help="W3/W4 slice seconds (default 0.5)")
     ap.add_argument("--seed", type=int, help="seed of the shuffled orders")
+    ap.add_argument("--otel", action="store_true",
+                    help="instrument our pools with OpenTelemetry (needs opentelemetry-sdk)")
     args = ap.parse_args(argv)
     if args.only:
         bad = set(args.only.split(",")) - set(WORKLOADS)
@@ -136,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
             "W3/W4 Lock+Condition+deque (waits while empty, notify on return)",
         ):
             print(line)
+        if cfg.otel:
+            print("          --otel: our pools and the registry instrumented with OpenTelemetry "
+                  "(SDK MeterProvider, in-memory reader): every checkout and return recorded")
 
         raw: dict[str, Any] = {"settings": cfg.__dict__, "machine": machine_line(env)}
         w1 = w2 = None

@@ -44,6 +44,7 @@ import psycopg2.extensions as ext
 from .entry import CLOSED, IDLE, IN_USE, RETURNING, Entry
 from .errors import BadConnectionError, PoolError, PoolTimeout
 from .stats import Counters, closed_error, timeout_error
+from .timing import Timings
 
 __all__ = ["Bag", "Waiter"]
 
@@ -126,6 +127,9 @@ class Bag:
         self.ping: Callable[[Entry, Connection, float | None], bool] = _no_vet
         self.role_changed: Callable[[Entry, Connection], bool] | None = None
         self.on_slow_checkout: Callable[[Connection], None] | None = None
+        # timing listeners (metrics); None when there are none. Set, they send every checkout
+        # and return through the slow paths (the pool sets always_slow and return_hooks).
+        self.timings: Timings | None = None
         self.open_for_caller: Callable[[float | None], Connection]
         self.restore: Callable[[Entry, Connection, int], str | None]
         self.close_conn: Callable[[Entry, Connection | None, str], None]
@@ -172,7 +176,15 @@ class Bag:
         now = self.now()
         if (status or close or self.return_hooks or now >= e.expires_at
                 or self.size > self.cap):
-            self._putconn_slow(e, conn, close, status)
+            timings = self.timings
+            if timings is None:
+                self._putconn_slow(e, conn, close, status)
+            else:
+                used_s = now - e.checked_out_at
+                try:
+                    self._putconn_slow(e, conn, close, status)
+                finally:  # after the books are done with it
+                    timings.used(used_s)
             return
         # The hot path takes no lock: publish the entry to the idle queue (atomic append),
         # then look for waiters or a close that may have come meanwhile.
@@ -190,10 +202,18 @@ class Bag:
     # -- checkout, the slow path ------------------------------------------------------------
 
     def getconn_slow(self, timeout: float | None, popped: Entry | None) -> Connection:
+        timings = self.timings
+        t0 = time.monotonic() if timings is not None else 0.0
         conn = self._getconn_slow_body(timeout, popped)
         hook = self.on_slow_checkout
         if hook is not None:
             hook(conn)
+        if timings is not None:
+            try:
+                timings.waited(time.monotonic() - t0)
+            except BaseException:  # interrupted: the caller never gets it, so it goes back
+                self.putconn(conn)
+                raise
         return conn
 
     def _getconn_slow_body(self, timeout: float | None, popped: Entry | None) -> Connection:

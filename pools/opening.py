@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,7 @@ class Opener:
         """Open one connection for a slot already counted in the books. On failure the slot
         is given back and :class:`ConnectError` raised. Runs without the lock."""
         name = self.name
+        t0 = time.monotonic()
         try:
             conn, address = self.connector.connect(deadline, prefer)
         except ConnectFailed as exc:
@@ -121,12 +123,16 @@ class Opener:
             self.after_connect()
         try:
             self._prepare(conn)
+            created_s = time.monotonic() - t0
+            timings = self.bag.timings
+            if timings is not None:  # (inside the try: an interrupt here frees the slot too)
+                timings.created(created_s)
         except BaseException as exc:
             close_quietly(conn)
             self.connector.book.closed(address.label)
             self._failed(exc)
-            if isinstance(exc, PoolError):
-                raise
+            if isinstance(exc, PoolError) or not isinstance(exc, Exception):
+                raise  # an interrupt (KeyboardInterrupt, ...) stays what it is
             raise PoolError(
                 f"pool {name!r}: configuring a new connection failed: {exc!r}", pool=name
             ) from exc
@@ -144,6 +150,7 @@ class Opener:
         e.state = RETURNING  # owned by the opener until it hands it over
         with bag.lock:
             bag.admit_locked(e)
+            bag.counters.created(created_s)
             self.watchdog.track(e.key)
             below_min = bag.size < bag.minconn
         self.on_opened()

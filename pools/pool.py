@@ -46,6 +46,7 @@ from .returning import RECYCLE_MODES, Restorer
 from .roles import READ_ONLY_SQLSTATE, ROLES, RoleGuard, server_role
 from .stats import WAIT_BUCKETS_S, address_stats, dns_stats
 from .supervisor import Supervisor, get_supervisor
+from .timing import TimingListener, Timings
 from .watchdog import Watchdog
 
 __all__ = ["ConnectionPool", "READ_ONLY_SQLSTATE", "RECHECK_INTERVAL_S", "WAIT_BUCKETS_S",
@@ -291,7 +292,6 @@ class ConnectionPool:
         bag.restore = self._restorer.restore
         bag.close_conn = self._opener.close
         bag.forgotten = self._forgotten
-        bag.return_hooks = reset is not None or role_changed is not None
         self._recycle: str | None = None
         self.recycle = recycle  # (sets test_on_borrow and the return path)
         # the hot path: the bag's own methods, with no forwarding call
@@ -315,10 +315,39 @@ class ConnectionPool:
         detection (then every idle connection's fresh_until is recomputed)."""
         bag = self._bag
         bag.ping_after = self._validation_bypass if self._test_on_borrow else math.inf
-        bag.always_slow = self._role != "any" or bool(self._leak_threshold)
+        bag.always_slow = (self._role != "any" or bool(self._leak_threshold)
+                           or bag.timings is not None)
+        restorer = self._restorer
+        # every return takes the slow path for a reset, a role check, DISCARD ALL or timings
+        bag.return_hooks = (restorer.reset is not None or restorer.role_changed is not None
+                            or self._recycle == "clean" or bag.timings is not None)
         bag.on_slow_checkout = self._maintenance.note_checkout if self._leak_threshold else None
         self._maintenance.leak_threshold = self._leak_threshold
         bag.refresh_fresh_until()
+
+    # -- timing listeners (metrics) ---------------------------------------------------------
+
+    @property
+    def timing_listeners(self) -> tuple[TimingListener, ...]:
+        """The listeners told every connect, checkout and return time (see pools.timing)."""
+        timings = self._bag.timings
+        return timings.listeners if timings is not None else ()
+
+    def add_timing_listener(self, listener: TimingListener) -> None:
+        """Tell ``listener`` how long each connect (``connection_created``), checkout
+        (``connection_waited``) and checkout-to-return (``connection_used``) takes, in seconds.
+        While a pool has listeners its checkouts and returns take the slow path (about a lock
+        each); without, nothing is timed. Adding one twice adds it once."""
+        if listener not in self.timing_listeners:
+            self._set_timing_listeners((*self.timing_listeners, listener))
+
+    def remove_timing_listener(self, listener: TimingListener) -> None:
+        """Stop telling ``listener``; one that was not added is ignored."""
+        self._set_timing_listeners(tuple(x for x in self.timing_listeners if x is not listener))
+
+    def _set_timing_listeners(self, listeners: tuple[TimingListener, ...]) -> None:
+        self._bag.timings = Timings(listeners) if listeners else None
+        self._apply_checkout_settings()
 
     def _ping_entry(self, e: Entry, conn: Connection, budget_s: float | None) -> bool:
         return self._ping(conn, e, budget_s)
@@ -376,9 +405,6 @@ class ConnectionPool:
             raise ValueError(f"recycle must be one of {RECYCLE_MODES} (or None), got {value!r}")
         self._recycle = value
         self._restorer.discard_all = value == "clean"
-        self._bag.return_hooks = (self._restorer.reset is not None
-                                  or self._restorer.role_changed is not None
-                                  or value == "clean")
         if value is not None:
             self._test_on_borrow = value != "fast"
         self._apply_checkout_settings()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WAIT_BUCKETS_S",
+    "CREATE_BUCKETS_S",
     "Counters",
     "address_stats",
     "dns_stats",
@@ -35,6 +36,9 @@ __all__ = [
 
 # Upper bounds, in seconds, of the checkout-wait histogram (Prometheus style buckets).
 WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Upper bounds, in seconds, of the connect-time histogram (a loopback connect takes ~2-5 ms).
+CREATE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0)
 
 
 class Counters:
@@ -43,6 +47,7 @@ class Counters:
     __slots__ = (
         "opened", "closed_by", "timeouts", "connect_errors", "waits", "wait_total_s",
         "wait_max_s", "wait_counts", "rollbacks", "leaks", "last_connect_error",
+        "create_counts", "create_total_s",
     )
 
     def __init__(self) -> None:
@@ -57,6 +62,23 @@ class Counters:
         self.rollbacks = 0
         self.leaks = 0
         self.last_connect_error: BaseException | None = None
+        self.create_counts = [0] * (len(CREATE_BUCKETS_S) + 1)  # per bucket; the last: beyond
+        self.create_total_s = 0.0
+
+    def created(self, created_s: float) -> None:
+        """A connection was opened in ``created_s`` seconds (counted with ``opened``)."""
+        self.create_counts[bisect.bisect_left(CREATE_BUCKETS_S, created_s)] += 1
+        self.create_total_s += created_s
+
+    def create_histogram(self) -> dict[float, int]:
+        """Connect times as cumulative counts per upper bound in seconds."""
+        running = 0
+        out: dict[float, int] = {}
+        for bound, n in zip(CREATE_BUCKETS_S, self.create_counts, strict=False):
+            running += n
+            out[bound] = running
+        out[float("inf")] = running + self.create_counts[-1]
+        return out
 
     def closed(self, reason: str) -> None:
         self.closed_by[reason] = self.closed_by.get(reason, 0) + 1
@@ -96,6 +118,8 @@ class Counters:
             "wait_histogram": self.wait_histogram(checkouts),
             "rollbacks": self.rollbacks,
             "leaks_detected": self.leaks,
+            "create_histogram": self.create_histogram(),
+            "create_total_s": self.create_total_s,
         }
 
 

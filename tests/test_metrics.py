@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SENTINEL_PASSWORD, hold
+from helpers import SENTINEL_PASSWORD, hold, wait_until
 from pgregistry import Registry
 from pgregistry.metrics import CLOSE_REASONS, StatsSource
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
@@ -96,6 +96,7 @@ FAMILIES = {
     "pgregistry_pool_rollbacks": "counter",
     "pgregistry_pool_role_changes": "counter",
     "pgregistry_pool_leaks_detected": "counter",
+    "pgregistry_pool_connection_create_seconds": "histogram",
     "pgregistry_address_connections": "gauge",
     "pgregistry_address_open_connections": "gauge",
     "pgregistry_address_active": "gauge",
@@ -244,6 +245,11 @@ def test_wsgi_scrape_under_traffic_matches_stats(reg, pg_cluster):
         for reason in CLOSE_REASONS:
             assert exp.value("pgregistry_pool_connections_closed_total", pool=pool,
                              reason=reason) == s["closed_by_reason"].get(reason, 0)
+        # connect times: one per connection opened
+        create = "pgregistry_pool_connection_create_seconds"
+        assert exp.value(create + "_count", pool=pool) == s["connections_opened"] > 0
+        assert exp.value(create + "_sum", pool=pool) == pytest.approx(s["create_total_s"])
+        assert exp.value(create + "_sum", pool=pool) > 0
     assert stats["readers"]["waits"] > 0  # the traffic made some callers wait
     assert exp.buckets("pgregistry_pool_checkout_wait_seconds", pool="readers")[0][1] < \
         stats["readers"]["checkouts"]
@@ -405,12 +411,12 @@ def test_base_install_needs_neither_library(pg_cluster, tmp_path):
         with reg.get("w").conn():
             pass
         out = {{"checkouts": reg.stats()["w"]["checkouts"]}}
-        for call in (reg.register_prometheus,):
+        for call in (reg.register_prometheus, reg.instrument_otel):
             try:
                 call()
             except ImportError as exc:
                 out[call.__name__] = str(exc)
-        for module in ("pgregistry.prometheus",):
+        for module in ("pgregistry.prometheus", "pgregistry.otel"):
             try:
                 __import__(module)
             except ImportError as exc:
@@ -423,6 +429,241 @@ def test_base_install_needs_neither_library(pg_cluster, tmp_path):
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["checkouts"] == 1 and out["loaded"] == []
-    for key, extra in (("register_prometheus", "prometheus"),
-                       ("pgregistry.prometheus", "prometheus")):
+    for key, extra in (("register_prometheus", "prometheus"), ("instrument_otel", "otel"),
+                       ("pgregistry.prometheus", "prometheus"), ("pgregistry.otel", "otel")):
         assert f"pip install 'pgregistry[{extra}]'" in out[key], out
+
+
+# -- OpenTelemetry ------------------------------------------------------------------------------
+
+CONVENTIONS = {  # name: (unit, kind of data)
+    "db.client.connection.count": ("{connection}", "Sum"),
+    "db.client.connection.idle.max": ("{connection}", "Sum"),
+    "db.client.connection.idle.min": ("{connection}", "Sum"),
+    "db.client.connection.max": ("{connection}", "Sum"),
+    "db.client.connection.pending_requests": ("{request}", "Sum"),
+    "db.client.connection.timeouts": ("{timeout}", "Sum"),
+    "db.client.connection.create_time": ("s", "Histogram"),
+    "db.client.connection.wait_time": ("s", "Histogram"),
+    "db.client.connection.use_time": ("s", "Histogram"),
+}
+POOL_NAME = "db.client.connection.pool.name"
+
+
+class OtelRead:
+    """One collection of the SDK's in-memory reader: metrics by name, points by pool."""
+
+    def __init__(self, reader: Any) -> None:
+        data = reader.get_metrics_data()
+        self.metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics
+                        for m in sm.metrics}
+
+    def points(self, name: str, **attrs: Any) -> list[Any]:
+        return [p for p in self.metrics[name].data.data_points
+                if all(p.attributes.get(k) == v for k, v in attrs.items())]
+
+    def point(self, name: str, **attrs: Any) -> Any:
+        found = self.points(name, **attrs)
+        assert len(found) == 1, f"{name} {attrs}: {len(found)} points"
+        return found[0]
+
+
+@pytest.fixture
+def otel_reader() -> Iterator[tuple[Any, Any]]:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    yield reader, provider
+    provider.shutdown()
+
+
+def test_otel_conventions_with_the_sdk_reader(pg_cluster, dns_server, tmp_path, otel_reader):
+    """On the process's real supervisor and clock (the histograms time real work)."""
+    reader, provider = otel_reader
+    path = write_yaml(tmp_path / "pools.yaml", pg_cluster, dns_server,
+                      f"pgr-otel-{uuid.uuid4().hex[:8]}")
+    with Registry.from_yaml(path, install_sighup=False) as reg:
+        readers = reg.get("readers")
+        with readers.conn():  # the first checkout waits for (or opens) a connection
+            pass
+        # prewarm done (a connection published while the first listener is added may be
+        # handed out once untimed: see pools.timing)
+        assert wait_until(lambda: all(s["idle"] >= s["minconn"] for n, s in reg.stats().items()
+                                      if n != "_registry"))
+        opened_before = {p: reg.stats()[p]["connections_opened"] for p in ("writer", "readers")}
+        checkouts_before = {p: reg.stats()[p]["checkouts"] for p in ("writer", "readers")}
+        inst = reg.instrument_otel(provider)
+
+        with Traffic(reg, {"readers": 6, "writer": 2}):
+            hold(0.3)
+        with readers.conn(), reg.get("writer").conn():
+            read = OtelRead(reader)
+            stats = reg.stats()
+        for name, (unit, kind) in CONVENTIONS.items():
+            assert name in read.metrics, f"{name} missing"
+            assert read.metrics[name].unit == unit, name
+            assert type(read.metrics[name].data).__name__ == kind, name
+        for pool in ("writer", "readers"):
+            s = stats[pool]
+            for state, key in (("idle", "idle"), ("used", "in_use")):
+                p = read.point("db.client.connection.count", **{POOL_NAME: pool,
+                               "db.client.connection.state": state})
+                assert p.value == s[key], (pool, state)
+            assert read.point("db.client.connection.max", **{POOL_NAME: pool}).value == \
+                s["maxconn"]
+            assert read.point("db.client.connection.idle.max", **{POOL_NAME: pool}).value == \
+                s["maxconn"]
+            assert read.point("db.client.connection.idle.min", **{POOL_NAME: pool}).value == \
+                s["minconn"]
+            assert read.point("db.client.connection.pending_requests",
+                              **{POOL_NAME: pool}).value == s["waiting"]
+            assert read.point("db.client.connection.timeouts", **{POOL_NAME: pool}).value == \
+                s["checkout_timeouts"]
+            # every checkout since instrumenting has a wait time; every return a use time
+            # (the two checked out now are not back yet); every connection opened a create time
+            checkouts = s["checkouts"] - checkouts_before[pool]
+            wait = read.point("db.client.connection.wait_time", **{POOL_NAME: pool})
+            use = read.point("db.client.connection.use_time", **{POOL_NAME: pool})
+            assert wait.count == checkouts and use.count == checkouts - 1, pool
+            assert use.sum >= use.count * 0.002  # each held 2 ms at least
+            assert wait.sum >= s["wait_total_s"] * 0.99 - 1e-9 * wait.count or \
+                not s["wait_total_s"]
+            opened = s["connections_opened"] - opened_before[pool]
+            points = read.points("db.client.connection.create_time", **{POOL_NAME: pool})
+            assert sum(p.count for p in points) == opened, pool
+            assert list(wait.explicit_bounds)[:2] == [0.0005, 0.001]  # seconds, not ms
+        assert stats["readers"]["waits"] > 0
+        assert sum(p.count for p in read.points("db.client.connection.create_time")) > 0
+
+        # ours, under pgregistry.
+        for address, a in stats["readers"]["addresses"].items():
+            ip, port = address.rsplit(":", 1)
+            where = {POOL_NAME: "readers", "network.peer.address": ip,
+                     "network.peer.port": int(port)}
+            assert read.point("pgregistry.address.connects", **where).value == a["connects"]
+            assert read.point("pgregistry.address.banned", **where).value == a["banned"]
+        assert read.point("pgregistry.dns.addresses", **{
+            POOL_NAME: "readers", "dns.question.name": "readers.metrics.test"}).value == 2
+        assert read.point("pgregistry.pool.checkouts", **{POOL_NAME: "writer"}).value == \
+            stats["writer"]["checkouts"]
+        assert read.point("pgregistry.pool.connection.closed", **{
+            POOL_NAME: "readers", "pgregistry.close.reason": "idle"}).value == \
+            stats["readers"]["closed_by_reason"].get("idle", 0)
+        assert read.point("pgregistry.registry.generation").value == 1
+        for m in read.metrics.values():
+            for p in m.data.data_points:
+                assert SENTINEL_PASSWORD not in repr(dict(p.attributes))
+
+        # a reload that replaces the readers: the new pool is instrumented too
+        path.write_text(path.read_text().replace("connect_timeout: 2", "connect_timeout: 3"))
+        reg.reload()
+        new = reg.get("readers").pool
+        assert new.timing_listeners
+        with readers.conn():
+            pass
+
+        # uninstrumented: nothing more is recorded or observed
+        inst.uninstrument()
+        assert not new.timing_listeners
+        before = OtelRead(reader)
+        with readers.conn():
+            pass
+        after = OtelRead(reader)
+        assert "db.client.connection.count" not in after.metrics or \
+            not after.points("db.client.connection.count")
+        assert sum(p.count for p in after.points("db.client.connection.wait_time")) == \
+            sum(p.count for p in before.points("db.client.connection.wait_time"))
+
+
+def test_otel_standalone_pools(make_pool, otel_reader):
+    from pgregistry.otel import instrument_pools
+
+    reader, provider = otel_reader
+    a = make_pool(minconn=1, maxconn=2, name="otel-a", background_prewarm=False)
+    inst = instrument_pools(a, meter_provider=provider)
+    for _ in range(3):
+        with a.conn():
+            pass
+    read = OtelRead(reader)
+    assert read.point("db.client.connection.max", **{POOL_NAME: "otel-a"}).value == 2
+    assert read.point("db.client.connection.wait_time", **{POOL_NAME: "otel-a"}).count == 3
+    assert read.point("db.client.connection.use_time", **{POOL_NAME: "otel-a"}).count == 3
+    assert "pgregistry.registry.generation" not in read.metrics or \
+        not read.points("pgregistry.registry.generation")
+    inst.uninstrument()
+    assert not a.timing_listeners
+    with pytest.raises(TypeError):
+        instrument_pools(meter_provider=provider)
+
+
+# -- timing listeners: never a cost when absent, never a broken promise when present -------------
+
+
+class Recorder:
+    """A timing listener that records, or raises ``fail`` in the method named ``where``."""
+
+    def __init__(self, where: str = "", fail: BaseException | None = None) -> None:
+        self.where, self.fail = where, fail
+        self.seen: dict[str, list[float]] = {"created": [], "waited": [], "used": []}
+
+    def _record(self, what: str, seconds: float) -> None:
+        if self.where == what and self.fail is not None:
+            raise self.fail
+        self.seen[what].append(seconds)
+
+    def connection_created(self, seconds: float) -> None:
+        self._record("created", seconds)
+
+    def connection_waited(self, seconds: float) -> None:
+        self._record("waited", seconds)
+
+    def connection_used(self, seconds: float) -> None:
+        self._record("used", seconds)
+
+
+def books_exact(pool: Any, backends: Any) -> None:
+    s = pool.stats()
+    assert s["size"] == s["idle"] + s["in_use"] + s["opening"]
+    assert s["in_use"] == 0 and s["opening"] == 0
+    assert wait_until(lambda: backends(pool.app) == s["idle"])
+
+
+@pytest.mark.parametrize("where", ["created", "waited", "used"])
+def test_a_listener_interrupted_or_failing_leaves_the_books_exact(make_pool, backend_counter,
+                                                                  where, caplog):
+    pool = make_pool(minconn=0, maxconn=2, name=f"timed-{where}")
+    good = Recorder()
+    pool.add_timing_listener(good)
+    pool.add_timing_listener(good)  # once
+    assert pool.timing_listeners == (good,)
+
+    # KeyboardInterrupt from the listener: the call raises it, the books stay exact
+    bad = Recorder(where, KeyboardInterrupt())
+    pool.add_timing_listener(bad)
+    with pytest.raises(KeyboardInterrupt), pool.conn():
+        pass
+    books_exact(pool, backend_counter)
+    pool.remove_timing_listener(bad)
+
+    # an Exception from a listener is logged once and swallowed: checkouts go on
+    broken = Recorder(where, RuntimeError("listener bug"))
+    pool.add_timing_listener(broken)
+    for _ in range(3):
+        with pool.conn(), pool.conn():
+            pass
+    books_exact(pool, backend_counter)
+    assert sum("timing listener" in r.getMessage() for r in caplog.records) == 1
+    assert len(good.seen["waited"]) >= 6 and len(good.seen["used"]) >= 6
+    assert good.seen["created"] and all(x > 0 for x in good.seen["created"])
+
+    # the last listener gone: the fast paths are back, nothing is timed
+    pool.remove_timing_listener(broken)
+    pool.remove_timing_listener(good)
+    pool.remove_timing_listener(good)  # not there: ignored
+    assert pool.timing_listeners == ()
+    waited = len(good.seen["waited"])
+    with pool.conn():
+        pass
+    assert len(good.seen["waited"]) == waited

@@ -39,6 +39,7 @@ class Settings:
     w3_threads: int = 8
     w4_threads: int = 32
     seed: int = 1
+    otel: bool = False  # our pools instrumented with OpenTelemetry (the SDK, an in-memory reader)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -53,6 +54,8 @@ class Settings:
             changes["w34_slice_s"] = args.slice
         if args.seed is not None:
             changes["seed"] = args.seed
+        if args.otel:
+            changes["otel"] = True
         return dataclasses.replace(s, **changes)
 
 
@@ -73,6 +76,24 @@ class Env:
     tmp: Path
     settings: Settings
     pinned: str = "not pinned"
+    meter_provider: Any = None
+
+    def instrument(self, pool: Any = None, registry: Any = None) -> None:
+        """With --otel: report ``pool`` (or ``registry``'s pools) through OpenTelemetry, as an
+        application with the SDK would (the cost of the ``otel`` extra in use)."""
+        if not self.settings.otel:
+            return
+        if self.meter_provider is None:
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+            self.meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        if registry is not None:
+            registry.instrument_otel(self.meter_provider)
+        else:
+            from pgregistry.otel import instrument_pools
+
+            instrument_pools(pool, meter_provider=self.meter_provider)
 
     def connect2(self, app: str) -> Any:
         conn = psycopg2.connect(self.dsn, application_name=app)

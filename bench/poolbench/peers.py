@@ -151,6 +151,7 @@ def build_subjects(env: Env, n: int, *, blocking: bool, tag: str) -> list[Subjec
     # ours: defaults (test_on_borrow on, validation_bypass 0.5, FIFO), autocommit
     ours = ConnectionPool(minconn=n, maxconn=n, dsn=dsn, autocommit=True, name=app("ours"),
                           application_name=app("ours"))
+    env.instrument(ours)
     wait_open(ours, n)
     subjects.append(Subject(
         "ours", f"ours: ConnectionPool getconn/putconn ({OUR_REUSE.upper()})", "getput", "floor",
@@ -159,6 +160,7 @@ def build_subjects(env: Env, n: int, *, blocking: bool, tag: str) -> list[Subjec
         other = ConnectionPool(minconn=n, maxconn=n, dsn=dsn, autocommit=True,
                                reuse=OTHER_REUSE, name=app("ours_other"),
                                application_name=app("ours_other"))
+        env.instrument(other)
         wait_open(other, n)
         subjects.append(Subject(
             "ours_other", f"ours: ConnectionPool reuse='{OTHER_REUSE}' getconn/putconn", "getput",
@@ -176,6 +178,7 @@ def build_subjects(env: Env, n: int, *, blocking: bool, tag: str) -> list[Subjec
             f"    application_name: {app('registry')}\n"
         )
         reg = Registry.from_yaml(yaml, install_sighup=False)
+        env.instrument(registry=reg)
         wait_open(reg.get("bench").pool, n)
         order = str(reg.config.pools["bench"].reuse)
         subjects.append(Subject(

@@ -1,0 +1,376 @@
+"""OpenTelemetry metrics for a registry's pools or standalone pools (the ``otel`` extra:
+``pip install 'pgregistry[otel]'``, which brings ``opentelemetry-api`` only; the application
+chooses the SDK and exporter).
+
+    registry.instrument_otel()                    # the global meter provider
+    inst = instrument_pools(pool, meter_provider=provider)
+    inst.uninstrument()
+
+Instruments follow OpenTelemetry's semantic conventions for database client connection pools
+(``model/db/metrics.yaml`` of open-telemetry/semantic-conventions, status "development"),
+each with the attribute ``db.client.connection.pool.name`` (the registry's name for the pool,
+or the standalone pool's ``name``):
+
+=========================================  ===============  ============  =======================
+instrument                                 kind             unit          value
+=========================================  ===============  ============  =======================
+``db.client.connection.count``             UpDownCounter    {connection}  ``stats()`` idle / in
+                                                                          use, by
+                                                                          ``db.client.connection
+                                                                          .state`` = idle | used
+``db.client.connection.idle.max``          UpDownCounter    {connection}  maxconn
+``db.client.connection.idle.min``          UpDownCounter    {connection}  minconn
+``db.client.connection.max``               UpDownCounter    {connection}  maxconn
+``db.client.connection.pending_requests``  UpDownCounter    {request}     callers waiting
+``db.client.connection.timeouts``          Counter          {timeout}     checkouts that timed
+                                                                          out
+``db.client.connection.create_time``       Histogram        s             each connection opened
+``db.client.connection.wait_time``         Histogram        s             each checkout
+``db.client.connection.use_time``          Histogram        s             each checkout to its
+                                                                          return
+=========================================  ===============  ============  =======================
+
+The up-down counters and counters are observable: read from ``stats()`` when the SDK collects.
+The three histograms are recorded as things happen, through the pool's timing listener: while a
+pool is instrumented its checkouts and returns take the pool's slow path (as with leak
+detection), which costs about a lock per checkout; an uninstrumented pool pays nothing.
+
+Our own figures, under ``pgregistry.``: ``pgregistry.pool.connection.opening``,
+``pgregistry.pool.connection.opened``, ``pgregistry.pool.connection.closed`` (by
+``pgregistry.close.reason``), ``pgregistry.pool.connect_errors``, ``pgregistry.pool.checkouts``,
+``pgregistry.pool.rollbacks``, ``pgregistry.pool.role_changes``,
+``pgregistry.pool.leaks_detected``; per address (``network.peer.address``,
+``network.peer.port``): ``pgregistry.address.connection.count`` (by state idle | used |
+opening), ``pgregistry.address.active``, ``pgregistry.address.banned``,
+``pgregistry.address.connects``, ``pgregistry.address.connect_failures``; per DNS name
+(``dns.question.name``): ``pgregistry.dns.addresses``, ``pgregistry.dns.ttl`` (s),
+``pgregistry.dns.stale``, ``pgregistry.dns.queries``, ``pgregistry.dns.refresh_failures``,
+``pgregistry.dns.stale_served``; for a registry: ``pgregistry.registry.generation``,
+``pgregistry.registry.reloads``, ``pgregistry.registry.reload_errors``. No error text and no
+secret is ever an attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .metrics import CLOSE_REASONS, StatsSource, require_extra
+
+require_extra("opentelemetry.metrics", "otel", "pgregistry.otel")
+
+from opentelemetry import metrics as otel_metrics  # noqa: E402
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation  # noqa: E402
+
+__all__ = ["OtelInstrumentation", "instrument_pools", "instrument_registry"]
+
+logger = logging.getLogger(__name__)
+
+POOL_NAME = "db.client.connection.pool.name"
+STATE = "db.client.connection.state"
+#: Histogram bucket boundaries in seconds, given to the SDK as advice (its default boundaries
+#: are meant for milliseconds).
+TIME_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                  10.0, 30.0, 60.0)
+#: How long one ``stats()`` snapshot serves the callbacks of one collection.
+SNAPSHOT_REUSE_S = 0.2
+
+Rows = Iterable[Observation]
+
+
+class _PoolTimings:
+    """The timing listener given to one pool: records into the three histograms with the
+    pool's name."""
+
+    __slots__ = ("_attrs", "_create", "_wait", "_use")
+
+    def __init__(self, name: str, create: Histogram, wait: Histogram, use: Histogram) -> None:
+        self._attrs = {POOL_NAME: name}
+        self._create, self._wait, self._use = create, wait, use
+
+    def connection_created(self, seconds: float) -> None:
+        self._create.record(seconds, self._attrs)
+
+    def connection_waited(self, seconds: float) -> None:
+        self._wait.record(seconds, self._attrs)
+
+    def connection_used(self, seconds: float) -> None:
+        self._use.record(seconds, self._attrs)
+
+
+class OtelInstrumentation:
+    """The instruments of one source on one meter. Built by :func:`instrument_registry` and
+    :func:`instrument_pools`; :meth:`uninstrument` stops reporting (OpenTelemetry cannot delete
+    instruments: their callbacks then report nothing) and detaches the timing listeners."""
+
+    def __init__(self, source: StatsSource, meter: Meter) -> None:
+        self.source = source
+        self.meter = meter
+        self._lock = threading.Lock()
+        self._snapshot: tuple[float, dict[str, Mapping[str, Any]], Mapping[str, Any] | None]
+        self._snapshot = (-1e18, {}, None)
+        self._active = True
+        self._listeners: weakref.WeakKeyDictionary[Any, _PoolTimings] = \
+            weakref.WeakKeyDictionary()
+        m = meter
+        self.create_time = m.create_histogram(
+            "db.client.connection.create_time", "s", "The time it took to create a new "
+            "connection.", explicit_bucket_boundaries_advisory=TIME_BUCKETS_S)
+        self.wait_time = m.create_histogram(
+            "db.client.connection.wait_time", "s", "The time it took to obtain an open "
+            "connection from the pool.", explicit_bucket_boundaries_advisory=TIME_BUCKETS_S)
+        self.use_time = m.create_histogram(
+            "db.client.connection.use_time", "s", "The time between borrowing a connection and "
+            "returning it to the pool.", explicit_bucket_boundaries_advisory=TIME_BUCKETS_S)
+        updown, counter = m.create_observable_up_down_counter, m.create_observable_counter
+        updown("db.client.connection.count", [self._cb(self._count)], "{connection}",
+               "The number of connections that are currently in state described by the state "
+               "attribute.")
+        updown("db.client.connection.idle.max", [self._cb(self._pool_key("maxconn"))],
+               "{connection}", "The maximum number of idle open connections allowed (maxconn).")
+        updown("db.client.connection.idle.min", [self._cb(self._pool_key("minconn"))],
+               "{connection}", "The minimum number of idle open connections allowed (minconn: "
+               "connections the pool keeps open).")
+        updown("db.client.connection.max", [self._cb(self._pool_key("maxconn"))],
+               "{connection}", "The maximum number of open connections allowed.")
+        updown("db.client.connection.pending_requests", [self._cb(self._pool_key("waiting"))],
+               "{request}", "The number of current pending requests for an open connection.")
+        counter("db.client.connection.timeouts",
+                [self._cb(self._pool_key("checkout_timeouts"))], "{timeout}",
+                "The number of connection timeouts that have occurred trying to obtain a "
+                "connection from the pool.")
+        # ours
+        updown("pgregistry.pool.connection.opening", [self._cb(self._pool_key("opening"))],
+               "{connection}", "Connections being opened.")
+        for key, name, unit, text in (
+            ("connections_opened", "pgregistry.pool.connection.opened", "{connection}",
+             "Connections opened."),
+            ("connect_errors", "pgregistry.pool.connect_errors", "{error}",
+             "Failed attempts to open a connection."),
+            ("checkouts", "pgregistry.pool.checkouts", "{checkout}", "Connections handed out."),
+            ("rollbacks", "pgregistry.pool.rollbacks", "{rollback}",
+             "Returned connections that had to be rolled back."),
+            ("role_changes", "pgregistry.pool.role_changes", "{change}",
+             "Times a server of the pool was seen changing role."),
+            ("leaks_detected", "pgregistry.pool.leaks_detected", "{checkout}",
+             "Checkouts held longer than leak_detection_threshold."),
+        ):
+            counter(name, [self._cb(self._pool_key(key))], unit, text)
+        counter("pgregistry.pool.connection.closed", [self._cb(self._closed)], "{connection}",
+                "Connections closed, by pgregistry.close.reason.")
+        updown("pgregistry.address.connection.count", [self._cb(self._address_count)],
+               "{connection}", "Connections of the pool to the address, by state.")
+        for key, name, text in (
+            ("active", "pgregistry.address.active",
+             "1 while the address is in the latest DNS answer (or configured) for its host."),
+            ("banned", "pgregistry.address.banned",
+             "1 while the address is banned after failures."),
+        ):
+            updown(name, [self._cb(self._address_key(key))], "1", text)
+        for key, name, unit, text in (
+            ("connects", "pgregistry.address.connects", "{connection}",
+             "Connections opened to the address."),
+            ("connect_failures", "pgregistry.address.connect_failures", "{error}",
+             "Failed connects to the address."),
+        ):
+            counter(name, [self._cb(self._address_key(key))], unit, text)
+        updown("pgregistry.dns.addresses", [self._cb(self._dns_addresses)], "{address}",
+               "Addresses in the current answer for the name.")
+        m.create_observable_gauge("pgregistry.dns.ttl", [self._cb(self._dns_key("ttl_s"))], "s",
+                                  "TTL of the current answer for the name.")
+        updown("pgregistry.dns.stale", [self._cb(self._dns_key("stale"))], "1",
+               "1 while the answer in use is past its TTL (refresh failing).")
+        for key, name, unit, text in (
+            ("queries", "pgregistry.dns.queries", "{query}", "DNS queries for the name."),
+            ("refresh_failures", "pgregistry.dns.refresh_failures", "{query}",
+             "Failed DNS queries for the name."),
+            ("stale_served", "pgregistry.dns.stale_served", "{answer}",
+             "Times an expired answer was used for the name."),
+        ):
+            counter(name, [self._cb(self._dns_key(key))], unit, text)
+        updown("pgregistry.registry.generation", [self._cb(self._registry_key("generation"))],
+               "1", "The configuration generation in use.")
+        counter("pgregistry.registry.reloads", [self._cb(self._registry_key("reloads"))],
+                "{reload}", "Reloads that succeeded.")
+        counter("pgregistry.registry.reload_errors",
+                [self._cb(self._registry_key("reload_errors"))], "{reload}",
+                "Reloads rejected (the running config stays).")
+        for pool in source.pools:
+            self.attach(pool)
+
+    # -- timing listeners ---------------------------------------------------------------------
+
+    def attach(self, pool: Any) -> None:
+        """Record ``pool``'s create, wait and use times (a registry calls this for every pool
+        it builds). Idempotent."""
+        with self._lock:
+            if not self._active or pool in self._listeners:
+                return
+            listener = _PoolTimings(str(pool.name), self.create_time, self.wait_time,
+                                    self.use_time)
+            self._listeners[pool] = listener
+        pool.add_timing_listener(listener)
+
+    def uninstrument(self) -> None:
+        """Stop: callbacks report nothing more, pools lose their timing listeners."""
+        with self._lock:
+            self._active = False
+            attached = list(self._listeners.items())
+            self._listeners.clear()
+        for pool, listener in attached:
+            pool.remove_timing_listener(listener)
+        registry = getattr(self.source, "registry", None)
+        if registry is not None:
+            registry.remove_pool_observer(self.attach)
+
+    # -- observable callbacks -----------------------------------------------------------------
+
+    def _cb(self, fn: Callable[[dict[str, Mapping[str, Any]], Mapping[str, Any] | None], Rows],
+            ) -> Callable[[CallbackOptions], Rows]:
+        def callback(options: CallbackOptions) -> Rows:
+            if not self._active:
+                return []
+            pools, registry = self._read()
+            return list(fn(pools, registry))
+        return callback
+
+    def _read(self) -> tuple[dict[str, Mapping[str, Any]], Mapping[str, Any] | None]:
+        """One snapshot serves every callback of one collection (they run back to back)."""
+        now = time.monotonic()
+        with self._lock:
+            at, pools, registry = self._snapshot
+            if now - at <= SNAPSHOT_REUSE_S:
+                return pools, registry
+        pools, registry = self.source.snapshot()
+        with self._lock:
+            self._snapshot = (time.monotonic(), pools, registry)
+        return pools, registry
+
+    @staticmethod
+    def _count(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+        for name, s in pools.items():
+            for key, state in (("idle", "idle"), ("in_use", "used")):
+                v = _number(s.get(key))
+                if v is not None:
+                    yield Observation(v, {POOL_NAME: name, STATE: state})
+
+    @staticmethod
+    def _pool_key(key: str) -> Callable[..., Rows]:
+        def rows(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+            for name, s in pools.items():
+                v = _number(s.get(key))
+                if v is not None:
+                    yield Observation(v, {POOL_NAME: name})
+        return rows
+
+    @staticmethod
+    def _closed(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+        for name, s in pools.items():
+            by = s.get("closed_by_reason")
+            by = by if isinstance(by, Mapping) else {}
+            for reason in (*CLOSE_REASONS, *sorted(str(r) for r in by if r not in CLOSE_REASONS)):
+                v = _number(by.get(reason, 0)) or 0
+                yield Observation(v, {POOL_NAME: name, "pgregistry.close.reason": reason})
+
+    @staticmethod
+    def _addresses(pools: dict[str, Mapping[str, Any]],
+                   ) -> Iterable[tuple[dict[str, Any], Mapping[str, Any]]]:
+        for name, s in pools.items():
+            addresses = s.get("addresses")
+            if not isinstance(addresses, Mapping):
+                continue
+            for label, a in addresses.items():
+                if isinstance(a, Mapping):
+                    yield {POOL_NAME: name, **_peer(str(label))}, a
+
+    def _address_count(self, pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+        for attrs, a in self._addresses(pools):
+            for key, state in (("idle", "idle"), ("in_use", "used"), ("opening", "opening")):
+                v = _number(a.get(key))
+                if v is not None:
+                    yield Observation(v, {**attrs, STATE: state})
+
+    def _address_key(self, key: str) -> Callable[..., Rows]:
+        def rows(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+            for attrs, a in self._addresses(pools):
+                v = _number(a.get(key))
+                if v is not None:
+                    yield Observation(v, attrs)
+        return rows
+
+    @staticmethod
+    def _names(pools: dict[str, Mapping[str, Any]],
+               ) -> Iterable[tuple[dict[str, Any], Mapping[str, Any]]]:
+        for name, s in pools.items():
+            dns = s.get("dns")
+            if not isinstance(dns, Mapping):
+                continue
+            for qname, d in dns.items():
+                if isinstance(d, Mapping):
+                    yield {POOL_NAME: name, "dns.question.name": str(qname)}, d
+
+    def _dns_addresses(self, pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+        for attrs, d in self._names(pools):
+            addresses = d.get("addresses")
+            if isinstance(addresses, (list, tuple)):
+                yield Observation(len(addresses), attrs)
+
+    def _dns_key(self, key: str) -> Callable[..., Rows]:
+        def rows(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+            for attrs, d in self._names(pools):
+                v = _number(d.get(key))
+                if v is not None:
+                    yield Observation(v, attrs)
+        return rows
+
+    @staticmethod
+    def _registry_key(key: str) -> Callable[..., Rows]:
+        def rows(_: Any, registry: Mapping[str, Any] | None) -> Rows:
+            if registry is not None:
+                v = _number(registry.get(key))
+                if v is not None:
+                    yield Observation(v)
+        return rows
+
+
+def _number(value: Any) -> int | float | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    return None
+
+
+def _peer(label: str) -> dict[str, Any]:
+    """``ip:port`` (``[v6]:port``) as network.peer.address and network.peer.port."""
+    host, sep, port = label.rpartition(":")
+    if not sep or not port.isdigit():
+        return {"network.peer.address": label}
+    return {"network.peer.address": host.strip("[]"), "network.peer.port": int(port)}
+
+
+def _meter(meter_provider: Any) -> Meter:
+    from . import __version__
+
+    provider = meter_provider or otel_metrics.get_meter_provider()
+    return provider.get_meter("pgregistry", __version__)
+
+
+def instrument_registry(registry: Any, meter_provider: Any = None) -> OtelInstrumentation:
+    """Instrument ``registry``'s pools, now and after every reload (see the module docstring),
+    on a meter of ``meter_provider`` (default: the global meter provider). Same as
+    ``registry.instrument_otel()``."""
+    inst = OtelInstrumentation(StatsSource.of_registry(registry), _meter(meter_provider))
+    registry.add_pool_observer(inst.attach)
+    return inst
+
+
+def instrument_pools(*pools: Any, meter_provider: Any = None) -> OtelInstrumentation:
+    """Instrument standalone ``ConnectionPool`` objects (attribute
+    ``db.client.connection.pool.name`` = the pool's ``name``). Raises ``TypeError`` when given
+    no pool or something without ``stats()``."""
+    return OtelInstrumentation(StatsSource.of_pools(*pools), _meter(meter_provider))
