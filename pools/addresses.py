@@ -105,6 +105,8 @@ class Address:
     last_failure_at: float = -math.inf
     last_error: str | None = None
     ban_reason: str | None = None
+    lag_s: float | None = None  # replication lag last measured (None: not measured)
+    lagging: bool = False  # over the pool's max_replica_lag: no new connections while so
 
     @property
     def load(self) -> int:
@@ -251,7 +253,10 @@ class AddressBook:
         """Active addresses in the order a new connection tries them."""
         with self._lock:
             active = [a for a in self._by_label.values() if a.active]
-            healthy = [a for a in active if a.banned_until <= now]
+            healthy = [a for a in active if a.banned_until <= now and not a.lagging]
+            # replicas over the lag limit: only when no other answers, least lagging first
+            lagging = sorted((a for a in active if a.banned_until <= now and a.lagging),
+                             key=lambda a: a.lag_s or 0.0)
             banned = sorted(
                 (a for a in active if a.banned_until > now), key=lambda a: a.last_failure_at
             )
@@ -260,7 +265,7 @@ class AddressBook:
                 healthy.sort(key=lambda a: a.load)  # stable: shuffled within equal loads
             if prefer is not None:
                 healthy.sort(key=lambda a: a.label != prefer)
-            return healthy + banned
+            return healthy + lagging + banned
 
     def balance(
         self, now: float, discount: Mapping[str, int] | None = None
@@ -274,7 +279,8 @@ class AddressBook:
         discount = discount or {}
         with self._lock:
             healthy = [a for a in self._by_label.values()
-                       if a.active and a.banned_until <= now and a.failures == 0]
+                       if a.active and a.banned_until <= now and a.failures == 0
+                       and not a.lagging]
             if len(healthy) < 2:
                 return None
             self._rng.shuffle(healthy)
@@ -344,6 +350,17 @@ class AddressBook:
             active = [a for a in self._by_label.values() if a.active]
             return all(a.banned_until > now for a in active)
 
+    def set_lag(self, label: str, lag_s: float | None, lagging: bool) -> bool:
+        """Record an address's measured replication lag; returns whether it just became
+        lagging."""
+        with self._lock:
+            a = self._by_label.get(label)
+            if a is None:
+                return False
+            became = lagging and not a.lagging
+            a.lag_s, a.lagging = lag_s, lagging
+            return became
+
     def unreserve(self, a: Address) -> None:
         """A connect given up before it was attempted."""
         with self._lock:
@@ -379,6 +396,8 @@ class AddressBook:
                     "banned_for_s": max(0.0, a.banned_until - now),
                     "ban_reason": a.ban_reason if a.banned_until > now else None,
                     "last_error": a.last_error,
+                    "replica_lag_s": a.lag_s,
+                    "lagging": a.lagging,
                 }
                 for a in self._by_label.values()
             }

@@ -589,6 +589,27 @@ class Connector:
 
     # -- connecting -------------------------------------------------------------------------
 
+    def connect_to(self, label: str, timeout_s: int = 2) -> psycopg2.extensions.connection:
+        """A connection to exactly the address ``label`` (a monitor's: not counted in the
+        book, never banning), with the pool's parameters and credentials; autocommit.
+        Raises ``KeyError`` for an unknown address, ``psycopg2.OperationalError``, and what
+        the credential source raises."""
+        a = self.book.get(label)
+        if a is None:
+            raise KeyError(label)
+        password = self.credentials.password_for(a.host, int(a.port), self._user())
+        kw = dict(self._base)
+        kw.update(port=a.port, connect_timeout=str(timeout_s))
+        if a.host:
+            kw["host"] = a.host
+        if a.ip is not None:
+            kw["hostaddr"] = a.ip
+        if password is not None:
+            kw["password"] = password
+        conn = psycopg2.connect(**kw, **self._factory_kwargs)  # type: ignore[call-overload]
+        conn.autocommit = True
+        return conn  # type: ignore[no-any-return]
+
     def connect(
         self, deadline: float | None = None, prefer: str | None = None
     ) -> tuple[psycopg2.extensions.connection, Address]:

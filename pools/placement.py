@@ -90,9 +90,10 @@ class Placement:
                 if e.address in gone and e.doom_reason is None:
                     doom(e, reason)
                     n_busy += 1
+        why = "left DNS" if reason == "dns_change" else f"retired ({reason})"
         logger.info(
-            "pool %s: address(es) %s left DNS: closing %d idle connection(s), %d more on return",
-            bag.name, ", ".join(sorted(gone)), len(doomed), n_busy,
+            "pool %s: address(es) %s %s: closing %d idle connection(s), %d more on return",
+            bag.name, ", ".join(sorted(gone)), why, len(doomed), n_busy,
         )
         for e, conn in doomed:
             self.opener.close(e, conn, reason)

@@ -37,6 +37,7 @@ from .connector import Connector
 from .entry import CLOSED, Entry
 from .fork import detach
 from .fork import register as _register_for_fork
+from .lag import LagMonitor
 from .listener import Dedicated, Listener
 from .maintenance import RECHECK_INTERVAL_S, Maintenance
 from .opening import Opener, close_quietly
@@ -132,6 +133,8 @@ class ConnectionPool:
     :param recycle: ``"fast"`` (rollback only, no ping), ``"verified"`` (ping on checkout),
         ``"clean"`` (also ``DISCARD ALL`` on return, bounded by ``ping_timeout``); ``None``:
         ``test_on_borrow`` decides. See ``returning``.
+    :param max_replica_lag: seconds of replication lag past which a replica gets no new
+        checkouts (see ``lag``); ``None``: off. Live.
     :param password_file, password_provider: see ``credentials`` (asked per new connection).
     :param reset: called with each returned connection (after the rollback); if it raises, the
         connection is discarded.
@@ -200,6 +203,7 @@ class ConnectionPool:
         query_timeout: float | None = None,
         recycle: str | None = None,
         dns_membership_window: float = DEFAULT_MEMBERSHIP_WINDOW_S,
+        max_replica_lag: float | None = None,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(minconn, maxconn)
@@ -251,6 +255,7 @@ class ConnectionPool:
         def wake() -> None:
             request(task)
 
+        self._wake = wake
         orphans = bag.orphans
 
         def on_lost(wref: Any) -> None:  # a checked-out connection was garbage-collected
@@ -294,6 +299,8 @@ class ConnectionPool:
         bag.forgotten = self._forgotten
         self._recycle: str | None = None
         self.recycle = recycle  # (sets test_on_borrow and the return path)
+        self._lag: LagMonitor | None = None
+        self.max_replica_lag = max_replica_lag
         # the hot path: the bag's own methods, with no forwarding call
         self.getconn = bag.getconn  # type: ignore[method-assign]
         self.putconn = bag.putconn  # type: ignore[method-assign]
@@ -371,7 +378,10 @@ class ConnectionPool:
 
     def _maintain(self, now: float) -> float | None:
         """One maintenance step (the supervisor calls this; see maintenance.Maintenance)."""
-        return self._maintenance.step(now)
+        nxt = self._maintenance.step(now)
+        if self._lag is not None and nxt is not None and not self._bag.closed:
+            nxt = min(nxt, self._lag.step(now))
+        return nxt
 
     # -- public API -------------------------------------------------------------------------
 
@@ -394,6 +404,15 @@ class ConnectionPool:
     @property
     def query_timeout(self) -> float | None:
         return self._watchdog.query_timeout
+
+    @property
+    def max_replica_lag(self) -> float | None:
+        return self._lag.max_lag_s if self._lag is not None else None
+
+    @max_replica_lag.setter
+    def max_replica_lag(self, value: float | None) -> None:
+        self._lag = LagMonitor.retune(self._lag, value, self.name, self._connector, self._clock,
+                                      retire=self._placement.retire, wake=self._wake)
 
     @property
     def recycle(self) -> str | None:
@@ -495,6 +514,7 @@ class ConnectionPool:
         "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval",
         "role_check_interval", "leak_detection_threshold", "ping_timeout", "recycle",
         "dns_membership_window",
+        "max_replica_lag",
     })
 
     def retune(self, **settings: Any) -> None:
@@ -597,6 +617,8 @@ class ConnectionPool:
         for e, conn in conns:
             self._opener.close(e, conn, "pool_closed")
         self._dedicated.close()
+        if self._lag is not None:
+            self._lag.close()
         logger.info("pool %s: closed", self.name)
 
     def close_all(self) -> None:
@@ -636,6 +658,7 @@ class ConnectionPool:
                                            bag.entries.values()),
                 "dns": dns_stats(self._connector, now),
                 "recycle": self._recycle,
+                "max_replica_lag": self.max_replica_lag,
             })
         out["listeners"] = self._dedicated.stats()
         return out

@@ -76,8 +76,8 @@ POOL_KEYWORDS = frozenset({
     "validation_bypass", "autocommit", "reconnect_backoff", "reconnect_backoff_max", "placement",
     "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval", "role",
     "role_check_interval", "leak_detection_threshold", "ping_timeout", "query_timeout",
-    "fallback", "recycle", "discovery", "instance_host_pattern", "topology_refresh_interval",
-    "dns_membership_window",
+    "fallback", "recycle", "max_replica_lag", "discovery", "instance_host_pattern",
+    "topology_refresh_interval", "dns_membership_window",
 })
 
 #: The pool keywords a running pool takes in place; changing anything else (the DSN, a libpq
@@ -88,6 +88,7 @@ LIVE_KEYWORDS = frozenset({
     "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement", "address_ban",
     "address_ban_max", "rebalance_fraction", "rebalance_interval", "role_check_interval",
     "leak_detection_threshold", "ping_timeout", "fallback", "recycle", "dns_membership_window",
+    "max_replica_lag",
 })
 
 #: libpq connection parameters a pool may set (``password`` is a secret, see below).
@@ -459,6 +460,12 @@ class _PoolFields(ConfigModel):
         description="Seconds a test-on-borrow ping may take (or the checkout's timeout, if "
                     "less) before its socket is shut down and the address banned: nothing in "
                     "libpq bounds a query on a frozen server.")
+    max_replica_lag: PosFloat | None = Field(
+        default=None,
+        description="Seconds of replication lag past which a replica gets no new checkouts "
+                    "(Aurora: the topology's replica_lag_in_msec; streaming replicas: measured "
+                    "each second); when every replica is over it, the least lagging one is "
+                    "used. Off by default.")
     recycle: Literal["fast", "verified", "clean"] | None = Field(
         default=None,
         description="psqlpy's recycling methods: fast (returned as it is, rolled back; no "
