@@ -173,8 +173,8 @@ def _parse_key_value(dsn: str) -> list[DsnParam]:
             value_start, value_end = value_at + 1, pos - 1
         else:
             while pos < end and not dsn[pos].isspace():
-                if dsn[pos] == "\\" and pos + 1 < end:
-                    value.append(dsn[pos + 1])
+                if dsn[pos] == "\\":  # escapes the next character; at the end: nothing
+                    value.append(dsn[pos + 1:pos + 2])
                     pos += 2
                 else:
                     value.append(dsn[pos])
@@ -231,7 +231,7 @@ def _parse_uri(dsn: str) -> list[DsnParam]:
         if user_end > pos:
             params.append(DsnParam("user", _decode(dsn, pos, user_end, "user name"), pos,
                                    pos, user_end))
-        if colon >= 0:
+        if colon >= 0 and look > colon + 1:  # libpq drops an empty password
             params.append(DsnParam("password", _decode(dsn, colon + 1, look, "password"),
                                    colon + 1, colon + 1, look))
         pos = look + 1
@@ -243,6 +243,8 @@ def _parse_uri(dsn: str) -> list[DsnParam]:
             close = dsn.find("]", pos)
             if close < 0:
                 raise DsnError("unterminated '[' in an IPv6 host of the URI", pos)
+            if close == pos + 1:
+                raise DsnError("an empty IPv6 host '[]' in the URI", pos)
             hosts.append((pos + 1, close))
             pos = close + 1
             if pos < end and dsn[pos] not in ":/?,":
@@ -284,13 +286,15 @@ def _parse_uri(dsn: str) -> list[DsnParam]:
                            "percent-encode the password's '/', '?', '@' and '#' (%2F, %3F, "
                            "%40, %23)", start)
     host_values = [_decode(dsn, a, b, "host") for a, b in hosts]
-    if any(host_values):
+    several = len(hosts) > 1  # libpq keeps the list as written, empty entries too
+    if several or any(host_values):
         first, last = hosts[0][0], hosts[-1][1]
         params.append(DsnParam("host", ",".join(host_values), first, first, last))
-    if any(b > a for a, b in ports):
-        first = next(a for a, b in ports if b > a)
+    if several or any(b > a for a, b in ports):
+        first = next((a for a, b in ports if b > a), ports[0][0])
         last = max(b for a, b in ports)
-        params.append(DsnParam("port", ",".join(dsn[a:b] for a, b in ports), first, first, last))
+        params.append(DsnParam("port", ",".join(_decode(dsn, a, b, "port") for a, b in ports),
+                               first, first, last))
     # database
     if pos < end and dsn[pos] == "/":
         start = pos + 1
@@ -313,6 +317,9 @@ def _parse_uri(dsn: str) -> list[DsnParam]:
                 if eq < 0 or eq == pos:
                     raise DsnError(f"query parameter #{number} of the URI is not key=value",
                                    pos)
+                if "=" in dsn[eq + 1:stop]:
+                    raise DsnError(f"a second '=' in query parameter #{number} of the URI "
+                                   "(percent-encode it as %3D)", pos)
                 key = _decode(dsn, pos, eq, "query")
                 value = _decode(dsn, eq + 1, stop, "query")
                 if key == "ssl":  # libpq's alias: ssl=true is sslmode=require

@@ -106,7 +106,7 @@ def dsn_issues(dsn: str) -> list[DsnIssue]:
         return issues
     try:
         psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.Error:
+    except (psycopg2.Error, ValueError):  # (ValueError: psycopg2 decoding libpq's bytes)
         return [DsnIssue(None, None, "invalid dsn: libpq cannot parse it (its message is not "
                                      "shown: it may quote the password)")]
     return []

@@ -278,6 +278,10 @@ def _check_dsn(value: str) -> str:
         raise ValueError(f"invalid dsn: {exc}") from None
     if "load_balance_hosts" in params:
         raise ValueError(f"in the dsn: {LOAD_BALANCE_HOSTS_REASON}")
+    for key in params:  # (the loader checks each value too, with its place in the file)
+        if key not in LIBPQ_PARAMETERS and key not in SECRET_KEYS:
+            shown = f" {key!r}" if key.isidentifier() and len(key) <= 40 else ""
+            raise ValueError(f"unknown connection parameter{shown} in the dsn")
     return value
 
 
