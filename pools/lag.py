@@ -79,6 +79,7 @@ class LagMonitor:
         self._next_at = 0.0
         self._conns: dict[str, ext.connection] = {}  # label -> monitor connection
         self.rounds = 0
+        self.all_over = False  # every measured address over the limit (a fallback may serve)
         self.last_error: str | None = None
         self._closed = False
 
@@ -137,7 +138,7 @@ class LagMonitor:
 
     def stats(self) -> dict[str, Any]:
         return {"max_replica_lag_s": self.max_lag_s, "lag_rounds": self.rounds,
-                "lag_last_error": self.last_error}
+                "all_over": self.all_over, "lag_last_error": self.last_error}
 
     # -- the worker thread -------------------------------------------------------------------
 
@@ -200,8 +201,14 @@ class LagMonitor:
         limit = self.max_lag_s
         measured = {lb: lag for lb, lag in lags.items() if lag is not None}
         over = {lb for lb, lag in measured.items() if lag > limit}
-        if measured and over == set(measured):  # every one over: keep the least lagging
+        was_all_over = self.all_over
+        self.all_over = bool(measured) and over == set(measured)
+        if self.all_over:  # every one over: keep the least lagging
             over.discard(min(measured, key=measured.__getitem__))
+            if not was_all_over:
+                logger.warning("pool %s: every replica lags more than max_replica_lag (%g s): "
+                               "the least lagging serves (or the pool's fallback)",
+                               self.name, limit)
         book = self.connector.book
         became: list[str] = []
         recovered = False
@@ -221,7 +228,7 @@ class LagMonitor:
                            "go elsewhere", self.name,
                            ", ".join(f"{lb} ({lags[lb]:.2f} s)" for lb in became), limit)
             self.retire(became, "replica_lag")
-        if became or recovered:
+        if became or recovered or self.all_over != was_all_over:
             self.wake()
 
 

@@ -498,6 +498,10 @@ class ConnectionPool:
         demoted writer. (``pool.conn()`` and registry handles call this for you.)"""
         self._roles.report_read_only(conn)
 
+    def replicas_lagging(self) -> bool:
+        """Every replica lags more than ``max_replica_lag`` (a registry falls back then)."""
+        return self._lag is not None and self._lag.all_over
+
     def unreachable(self) -> bool:
         """Nothing to serve with and nowhere to try: no open connection, and every address
         banned (or none known). A registry falls back to another pool then."""

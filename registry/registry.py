@@ -129,6 +129,9 @@ class PoolHandle:
             fallback = reg._fallbacks.get(self.name)
             if fallback is not None and pool.unreachable():
                 return reg._fall_back(self.name, fallback, timeout, "every address is down")
+            if fallback is not None and pool.replicas_lagging():
+                return reg._fall_back(self.name, fallback, timeout,
+                                      "every replica lags more than max_replica_lag")
             try:
                 conn = pool.getconn(timeout)
             except ConnectError as exc:
@@ -333,7 +336,7 @@ class Registry:
             if state is None:
                 state = self._falling_back[name] = {"to": to, "since": time.time(),
                                                     "checkouts": 0, "why": why}
-                logger.warning("registry: pool %s cannot connect (%s): serving it from %s",
+                logger.warning("registry: pool %s cannot serve (%s): serving it from %s",
                                name, why, to)
             state["checkouts"] += 1
             self._fallback_checkouts[name] = self._fallback_checkouts.get(name, 0) + 1

@@ -145,3 +145,55 @@ def test_lag_is_measured_on_a_worker_not_the_supervisor(make_pool, pg_cluster, s
     assert all(row["replica_lag_s"] is not None and row["replica_lag_s"] < 1.0
                for row in snap.values()), snap
     assert pool.stats()["max_replica_lag"] == 1.0
+
+
+def test_every_replica_lagging_falls_back_to_the_writer_and_back(fresh_cluster, tmp_path):
+    import yaml
+    from pgregistry import Registry
+
+    primary, r1, r2 = fresh_cluster.servers
+    primary.execute("CREATE TABLE IF NOT EXISTS lag_writes (id serial, v int)")
+    common = {"port": fresh_cluster.port, "user": "postgres", "dbname": "postgres",
+              "minconn": 1, "maxconn": 4, "timeout": 5}
+    config = {"version": 1, "pools": {
+        "writer": {"host": primary.host, **common},
+        "readers": {"host": f"{r1.host},{r2.host}", "role": "reader", "max_replica_lag": 1,
+                    "fallback": "writer", **common},
+    }}
+    path = tmp_path / "pools.yaml"
+    path.write_text(yaml.safe_dump(config))
+    stop = threading.Event()
+
+    def writer():
+        conn = primary.connect()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not stop.is_set():
+                cur.execute("INSERT INTO lag_writes (v) VALUES (1)")
+                stop.wait(0.02)
+        conn.close()
+
+    def served_by(reg) -> str:
+        with reg.get("readers").conn() as conn, conn.cursor() as cur:
+            cur.execute("SELECT host(inet_server_addr())")
+            return cur.fetchone()[0]
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        with Registry.from_yaml(path, install_sighup=False) as reg:
+            assert served_by(reg) in (r1.host, r2.host)
+            for r in (r1, r2):
+                r.execute("SELECT pg_wal_replay_pause()")
+            try:
+                assert wait_until(lambda: served_by(reg) == primary.host, 8)
+                fb = reg.stats()["readers"]["fallback"]
+                assert fb["active"] and "lags more than max_replica_lag" in fb["reason"]
+            finally:
+                for r in (r1, r2):
+                    r.execute("SELECT pg_wal_replay_resume()")
+            assert wait_until(lambda: served_by(reg) in (r1.host, r2.host), 8)
+            assert not reg.stats()["readers"]["fallback"]["active"]
+    finally:
+        stop.set()
+        t.join(5)
