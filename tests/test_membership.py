@@ -193,7 +193,7 @@ def discovery_times(dns_server, make_pool, n, runs, ttl=1):
     ips = [f"127.0.1.{i}" for i in range(1, n + 1)]
     times = []
     for seed in range(runs):
-        dns_server._rng.seed(seed)
+        dns_server.reseed(seed)
         dns_server.set_rotating(READER, ips, ttl=ttl)
         sup = Supervisor(clock=FakeClock(), start=False)
         pool = make_pool(supervisor=sup, minconn=0, maxconn=n,

@@ -4,7 +4,7 @@
 ``pgregistry.testing.servers``  PgServer, SqlServer (one server)
 ``pgregistry.testing.processes`` find_pg_bindir, free_port, base_dir, the initdb template
 ``pgregistry.testing.aurora``   AuroraCluster: topology functions and Aurora's DNS endpoints
-``pgregistry.testing.dns``      DnsServer (needs dnslib, a test extra)
+``pgregistry.testing.dns``      DnsServer (needs dnslib, a test extra; its records: ``dnszone``)
 ``pgregistry.testing.docker``   docker_available, ContainerServer (needs testcontainers)
 ``pgregistry.testing.pgbouncer`` PgBouncer, find_pgbouncer (needs the pgbouncer binary)
 ``pgregistry.testing.plugin``   pytest fixtures: ``pytest_plugins = ["pgregistry.testing.plugin"]``
