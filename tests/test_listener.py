@@ -311,3 +311,57 @@ def test_a_reload_that_replaces_the_pool_moves_the_listener(writer_registry):
     lst2 = reg.get("other").listener()
     reg.close()
     assert lst2.closed
+
+
+def test_a_writer_listener_follows_the_aurora_topology_not_the_late_dns(aurora_cluster,
+                                                                         dns_server, tmp_path,
+                                                                         capsys):
+    from pgregistry import Registry
+
+    cluster = aurora_cluster  # the cluster endpoint's DNS follows a failover 30 s late
+    config = {
+        "version": 1,
+        "dns": {"nameservers": ["127.0.0.1"], "port": dns_server.port, "lifetime": 1.0,
+                "timeout": 0.5},
+        "pools": {"writer": {
+            "host": cluster.writer_endpoint, "port": cluster.port, "user": "postgres",
+            "dbname": "postgres", "role": "writer", "minconn": 1, "maxconn": 4,
+            "connect_timeout": 1, "address_ban": 0.2, "address_ban_max": 1.0}},
+    }
+    path = tmp_path / "pools.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with Registry.from_yaml(path, install_sighup=False) as reg:
+        old = cluster.primary
+        lst = reg.get("writer").listener()
+        lst.listen("events")
+        assert lst.address == f"{old.host}:{cluster.port}"
+        new = cluster.failover()
+        t_promoted = time.monotonic()
+        stop = threading.Event()
+
+        def keep_notifying():
+            while not stop.is_set():
+                try:
+                    new.execute("SELECT pg_notify('events', 'after')")
+                except psycopg2.Error:
+                    pass
+                stop.wait(0.02)
+
+        t = threading.Thread(target=keep_notifying)
+        t.start()
+        items: list[object] = []
+        try:
+            for item in lst.notifications(timeout=10):
+                items.append(item)
+                if not isinstance(item, Gap):
+                    break
+        finally:
+            stop.set()
+            t.join(5)
+        back_s = time.monotonic() - t_promoted
+    assert items and isinstance(items[0], Gap) and not isinstance(items[-1], Gap), items
+    assert items[0].address == f"{new.host}:{cluster.port}"
+    assert back_s <= 3.0, back_s
+    with capsys.disabled():
+        print(f"\nlistener, Aurora topology failover (writer DNS 30 s late): receiving "
+              f"{back_s:.2f} s after the promotion")
