@@ -8,6 +8,15 @@ refuses or times out is banned for a backoff that doubles on each failure in a r
 banned address is tried only after every healthy one, least recently failed first, so a pool
 whose addresses are all banned still tries rather than failing without trying.
 
+A refusal that says something about the server or the settings rather than the network
+(capacity: the server is out of connection slots; auth: the credentials were refused) puts the
+address on *hold* instead: a doubling backoff shared by every caller of the pool, during which
+no login is attempted there and callers get the remembered error at once. When the period is
+over, exactly one caller probes (its attempt is the only login); its failure doubles the
+period, its success clears the hold. Hammering a full server or a wrong password with one login
+per checkout is what trips lockout policies and intrusion alarms (PostgreSQL logs one FATAL
+line per refused login).
+
 Which addresses are the pool's **members** (the active ones) is said by named sources: each
 source (one per DNS target, ``dns:<host>:<port>``; the cluster's topology; a user's list) sets
 its whole list with :meth:`AddressBook.set_members`, and an address is a member while any source
@@ -35,6 +44,8 @@ from typing import Any, NamedTuple
 __all__ = [
     "Address",
     "AddressBook",
+    "HOLD_KINDS",
+    "Hold",
     "Member",
     "PLACEMENTS",
     "DEFAULT_MEMBERSHIP_WINDOW_S",
@@ -44,6 +55,8 @@ __all__ = [
 ]
 
 PLACEMENTS = ("least_connections", "random")
+# failure kinds (see connector.classify) that put an address on hold rather than banning it
+HOLD_KINDS = frozenset({"capacity", "auth"})
 
 # How long an address of a rotating DNS name stays a member after an answer last named it
 # (``dns_membership_window``). Sized for the worst case the pool expects: a 15-instance
@@ -105,12 +118,28 @@ class Address:
     last_failure_at: float = -math.inf
     last_error: str | None = None
     ban_reason: str | None = None
+    hold_kind: str | None = None  # "capacity" or "auth" while on hold (see HOLD_KINDS)
+    hold_until: float = 0.0
+    hold_s: float = 0.0  # the current period (doubling)
+    hold_error: str | None = None  # the remembered error, raised to callers meanwhile
+    probing: bool = False  # one caller is trying the held address right now
     lag_s: float | None = None  # replication lag last measured (None: not measured)
     lagging: bool = False  # over the pool's max_replica_lag: no new connections while so
 
     @property
     def load(self) -> int:
         return self.conns + self.opening
+
+
+@dataclass(frozen=True)
+class Hold:
+    """An address on hold: what was refused, the server's words, and when it is tried again
+    (``retry_in_s`` from now; 0: a probe is under way)."""
+
+    label: str
+    kind: str
+    error: str
+    retry_in_s: float
 
 
 class AddressBook:
@@ -253,12 +282,15 @@ class AddressBook:
         """Active addresses in the order a new connection tries them."""
         with self._lock:
             active = [a for a in self._by_label.values() if a.active]
-            healthy = [a for a in active if a.banned_until <= now and not a.lagging]
+            healthy = [a for a in active
+                       if a.banned_until <= now and a.hold_until <= now and not a.lagging]
             # replicas over the lag limit: only when no other answers, least lagging first
-            lagging = sorted((a for a in active if a.banned_until <= now and a.lagging),
+            lagging = sorted((a for a in active
+                              if a.banned_until <= now and a.hold_until <= now and a.lagging),
                              key=lambda a: a.lag_s or 0.0)
             banned = sorted(
-                (a for a in active if a.banned_until > now), key=lambda a: a.last_failure_at
+                (a for a in active if a.banned_until > now or a.hold_until > now),
+                key=lambda a: a.last_failure_at,
             )
             self._rng.shuffle(healthy)  # ties at random
             if self.placement == "least_connections":
@@ -292,9 +324,18 @@ class AddressBook:
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def reserve(self, a: Address) -> None:
+    def reserve(self, a: Address, now: float | None = None) -> Hold | None:
+        """Count a connect about to start on ``a``. With ``now``, an address on hold is not
+        reserved: the hold is returned instead (no login may be tried), unless its period is
+        over and no probe runs, in which case this connect becomes the probe."""
         with self._lock:
+            if now is not None and a.hold_kind is not None:
+                if a.probing or now < a.hold_until:
+                    return Hold(a.label, a.hold_kind, a.hold_error or a.hold_kind,
+                                0.0 if a.probing else a.hold_until - now)
+                a.probing = True
             a.opening += 1
+            return None
 
     def opened(self, a: Address) -> None:
         with self._lock:
@@ -304,14 +345,36 @@ class AddressBook:
             a.failures = 0
             a.banned_until = 0.0
             a.ban_reason = None
+            self._clear_hold(a)
+
+    @staticmethod
+    def _clear_hold(a: Address) -> None:
+        a.hold_kind = a.hold_error = None
+        a.hold_until = a.hold_s = 0.0
+        a.probing = False
+
+    def clear_holds(self, kind: str | None = None) -> int:
+        """Forget the holds (of ``kind``, or all): new credentials clear the auth holds.
+        Returns how many were cleared."""
+        with self._lock:
+            held = [a for a in self._by_label.values()
+                    if a.hold_kind is not None and kind in (None, a.hold_kind)]
+            for a in held:
+                self._clear_hold(a)
+            return len(held)
 
     def failed(self, a: Address, now: float, reason: str, error: str, *, ban: bool) -> float:
-        """Record a failed connect. Returns the ban in seconds (0: not banned)."""
+        """Record a failed connect. Returns the ban (or, for a kind in ``HOLD_KINDS``, the
+        hold) in seconds when one starts now; 0 when none starts (not banned, or a ban or hold
+        already running: warn once per period)."""
         with self._lock:
             a.opening -= 1
             a.connect_failures += 1
             a.last_failure_at = now
             a.last_error = error
+            probe, a.probing = a.probing, False
+            if reason in HOLD_KINDS:
+                return self._hold_locked(a, now, reason, error, probe)
             if not ban:
                 return 0.0
             if a.banned_until > now:
@@ -326,6 +389,18 @@ class AddressBook:
             a.ban_reason = reason
             self._forget_if_unused(a)
             return ban_s
+
+    def _hold_locked(self, a: Address, now: float, kind: str, error: str, probe: bool) -> float:
+        if a.hold_kind == kind and not probe and now < a.hold_until:
+            return 0.0  # one of a burst that started before the hold: the period stands
+        if a.hold_kind == kind:
+            period = min(self.ban_max, max(self.ban_initial, a.hold_s * 2))
+        else:
+            period = self.ban_initial
+        a.hold_kind, a.hold_error, a.hold_s = kind, error, period
+        a.hold_until = now + period * self._rng.uniform(0.9, 1.1)
+        self._forget_if_unused(a)
+        return period
 
     def mark(self, label: str, now: float, reason: str) -> bool:
         """Ban an address for something learned outside a connect (a demoted writer). Returns
@@ -348,7 +423,15 @@ class AddressBook:
         """True when no active address can be tried right now (or none is known)."""
         with self._lock:
             active = [a for a in self._by_label.values() if a.active]
-            return all(a.banned_until > now for a in active)
+            return all(a.banned_until > now or a.hold_until > now for a in active)
+
+    def held(self, now: float) -> list[Hold]:
+        """The active addresses on hold right now."""
+        with self._lock:
+            return [Hold(a.label, a.hold_kind, a.hold_error or a.hold_kind,
+                         max(0.0, a.hold_until - now))
+                    for a in self._by_label.values()
+                    if a.active and a.hold_kind is not None and a.hold_until > now]
 
     def set_lag(self, label: str, lag_s: float | None, lagging: bool) -> bool:
         """Record an address's measured replication lag; returns whether it just became
@@ -362,9 +445,10 @@ class AddressBook:
             return became
 
     def unreserve(self, a: Address) -> None:
-        """A connect given up before it was attempted."""
+        """A connect given up before it was attempted (or interrupted)."""
         with self._lock:
             a.opening -= 1
+            a.probing = False
             self._forget_if_unused(a)
 
     def closed(self, label: str) -> None:
@@ -396,6 +480,8 @@ class AddressBook:
                     "banned_for_s": max(0.0, a.banned_until - now),
                     "ban_reason": a.ban_reason if a.banned_until > now else None,
                     "last_error": a.last_error,
+                    "hold": a.hold_kind,
+                    "hold_for_s": max(0.0, a.hold_until - now) if a.hold_kind else 0.0,
                     "replica_lag_s": a.lag_s,
                     "lagging": a.lagging,
                 }

@@ -26,11 +26,14 @@ import psycopg2.extensions
 
 from .addresses import (
     DEFAULT_MEMBERSHIP_WINDOW_S,
+    HOLD_KINDS,
     Address,
     AddressBook,
+    Hold,
     Member,
     check_membership_window,
 )
+from .attempt import DeadlinePassed, PendingConnect, bounded_connect, classify, first_line
 from .clock import REAL_CLOCK, Clock
 from .credentials import Credentials, PasswordProvider
 from .resolver import (
@@ -150,45 +153,29 @@ def parse_targets(params: Mapping[str, str]) -> list[Target]:
 
 class ConnectFailed(Exception):
     """Every address tried failed (or none could be found). ``attempts`` holds (address, kind,
-    message) for each try; ``__cause__`` is the last error."""
+    message) for each try (see :func:`classify` for the kinds); ``holds`` the addresses skipped
+    because they are on hold (their remembered error is in ``attempts`` too; no login was
+    tried); ``pending`` the connects given up at the caller's deadline whose sockets may still
+    be open; ``__cause__`` is the last error."""
 
     def __init__(self, target: str, attempts: list[tuple[str, str, str]],
-                 resolution: list[ResolutionError]) -> None:
+                 resolution: list[ResolutionError], holds: list[Hold] | None = None,
+                 pending: list[PendingConnect] | None = None) -> None:
         self.target = target
         self.attempts = attempts
         self.resolution = resolution
+        self.holds = holds or []
+        self.pending = pending or []
         parts = [f"{label} {kind} ({msg})" for label, kind, msg in attempts]
         parts += [str(err) for err in resolution]
         if not attempts and not resolution:
             parts = ["no address to try"]
         super().__init__(f"cannot connect to {target}: " + "; ".join(parts))
 
-
-def classify(exc: BaseException) -> str:
-    """What a failed connect says about the address."""
-    text = str(exc)
-    low = text.lower()
-    if "connection refused" in low:
-        return "refused"
-    if "timeout expired" in low or "timed out" in low:
-        return "timeout"
-    if ("hot standby mode" in low or "session is read-only" in low
-            or "session is not read-only" in low):
-        return "wrong_role"
-    if ("authentication" in low or "pg_hba.conf" in low or "does not exist" in low
-            or "permission denied" in low or "password" in low):
-        return "rejected"  # the server answered: a problem of the settings, not the address
-    if "too many clients" in low or "starting up" in low or "shutting down" in low:
-        return "unavailable"
-    return "error"
-
-
-def first_line(exc: BaseException) -> str:
-    """The useful part of a libpq error: what failed, without the "connection to server at"
-    preamble (the address is said elsewhere)."""
-    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    _, sep, rest = line.partition(" failed: ")
-    return rest if sep else line
+    @property
+    def kinds(self) -> set[str]:
+        """The kinds of failure seen."""
+        return {kind for _, kind, _ in self.attempts}
 
 
 class Connector:
@@ -275,6 +262,9 @@ class Connector:
         what :class:`~pgregistry.pools.credentials.Credentials` raises for a bad provider."""
         self.credentials = Credentials(password=password, password_file=password_file,
                                        password_provider=password_provider)
+        book: AddressBook | None = getattr(self, "book", None)
+        if book is not None:
+            book.clear_holds("auth")  # new credentials: the remembered refusals are moot
         self._base.pop("password", None)
         if password is not None:
             self.params["password"] = password
@@ -621,27 +611,37 @@ class Connector:
         if self._unresolved:
             order = [a for a in order if (a.host, a.port) not in self._unresolved]
         attempts: list[tuple[str, str, str]] = []
+        holds: list[Hold] = []
+        pending: list[PendingConnect] = []
         last: BaseException | None = resolution[-1] if resolution else None
         two_pass = self.target_session_attrs == "prefer-standby"
         passes = ["standby", "any"] if two_pass else [self.target_session_attrs]
         wrong_role: list[Address] = []
         for i, tsa in enumerate(passes):
             for a in order if i == 0 else wrong_role:
-                timeout_s = self.connect_timeout  # 0: libpq waits indefinitely
+                remaining: float | None = None
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 and attempts:
                         break  # the budget is spent; at least one address was tried
-                    budget_s = max(1, math.ceil(remaining))
-                    timeout_s = min(timeout_s, budget_s) if timeout_s else budget_s
-                password = self.credentials.password_for(a.host, int(a.port), self._user())
-                self.book.reserve(a)
-                kw = dict(self._base)
+                hold = self.book.reserve(a, self.clock.monotonic())
+                if hold is not None:  # no login: the remembered error counts as the attempt
+                    holds.append(hold)
+                    when = (f"tried again in {hold.retry_in_s:.1f} s" if hold.retry_in_s
+                            else "being tried again now")
+                    attempts.append((a.label, hold.kind,
+                                     f"{hold.error}; remembered, no login tried: {when}"))
+                    last = psycopg2.OperationalError(hold.error)
+                    continue
+                try:
+                    password = self.credentials.password_for(a.host, int(a.port), self._user())
+                except BaseException:
+                    self.book.unreserve(a)
+                    raise
+                kw: dict[str, Any] = dict(self._base)
                 if password is not None:
                     kw["password"] = password
                 kw["port"] = a.port
-                if timeout_s:
-                    kw["connect_timeout"] = str(int(timeout_s))
                 if a.host:
                     kw["host"] = a.host
                 if a.ip is not None:
@@ -649,26 +649,31 @@ class Connector:
                 if tsa != "any":
                     kw["target_session_attrs"] = tsa
                 try:
-                    conn = psycopg2.connect(**kw, **self._factory_kwargs)  # type: ignore[call-overload]
+                    conn = bounded_connect(kw, self._factory_kwargs, self.connect_timeout,
+                                           remaining)
                 except psycopg2.OperationalError as exc:
                     last = exc
                     kind = classify(exc)
+                    if isinstance(exc, DeadlinePassed):
+                        kind = "deadline"  # the caller's deadline: nothing about the address
+                        pending.append(exc.pending)
                     first_pass_role = two_pass and i == 0 and kind == "wrong_role"
                     if first_pass_role:
                         wrong_role.append(a)
                     ban_s = self.book.failed(
                         a, self.clock.monotonic(), kind, first_line(exc),
-                        ban=kind != "rejected" and not first_pass_role,
+                        ban=kind not in ("rejected", "deadline") and not first_pass_role,
                     )
                     attempts.append((a.label, kind, first_line(exc)))
                     if not first_pass_role:
-                        # one warning per ban; failures while already banned are DEBUG
+                        # one warning per ban or hold period; the rest are DEBUG
                         log = logger.warning if ban_s or kind == "rejected" else logger.debug
+                        what = "on hold" if kind in HOLD_KINDS else "banned"
                         log(
                             "pool %s: connect to %s (%s) failed: %s: %s%s",
                             self.name, a.label, a.host or "default",
                             kind, first_line(exc),
-                            f"; banned for {ban_s:.1f} s" if ban_s else "",
+                            f"; {what} for {ban_s:.1f} s" if ban_s else "",
                         )
                     continue
                 except BaseException:
@@ -679,7 +684,7 @@ class Connector:
                         and self.members_from == "topology":
                     self.topology.writer_confirmed(a.host)
                 return conn, a
-        err = ConnectFailed(self.host_label, attempts, resolution)
+        err = ConnectFailed(self.host_label, attempts, resolution, holds, pending)
         raise err from last
 
 

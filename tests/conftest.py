@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import SENTINEL_ENV, SENTINEL_PASSWORD
 
-pytest_plugins = ["pgregistry.testing.plugin", "pool_fixtures"]
+pytest_plugins = ["pgregistry.testing.plugin", "pool_fixtures", "reliability"]
 
 os.environ[SENTINEL_ENV] = SENTINEL_PASSWORD  # for password_env in the suite's YAML files
 
