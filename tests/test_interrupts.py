@@ -72,7 +72,6 @@ def test_an_interrupt_while_a_checkout_connects_gives_the_slot_back(pg_server, s
     _usable_after(pool, pg_server)
 
 
-@XFAIL_BOOKS
 def test_an_interrupt_in_configure_raises_itself_and_gives_the_slot_back(pg_server, supervisor,
                                                                          closer):
     armed = Armed()
