@@ -12,7 +12,12 @@ from typing import Any
 import jsonschema
 import pytest
 from helpers import SENTINEL_PASSWORD
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pgregistry.pools import ConnectionPool, FakeClock, Supervisor
 from pgregistry.schemas import ConfigError, Problem, json_schema, load_config, load_config_text
+from test_schemas_hypothesis import ENV as HYPOTHESIS_ENV
+from test_schemas_hypothesis import documents
 
 PW = SENTINEL_PASSWORD
 
@@ -223,3 +228,48 @@ def test_json_schema_and_check_agree(text: str, valid: bool) -> None:
     except ConfigError:
         check_ok = False
     assert (schema_ok, check_ok) == (valid, valid)
+
+
+# -- what the loader accepts, the pools accept -----------------------------------------------------
+
+
+_DSNS = ["host=db", "host=a,b port=1,2", "host=a,b port=5432", "host=a,b port=1,2,3",
+         "host=a,b hostaddr=10.0.0.1", "hostaddr=10.0.0.1,10.0.0.2", "host=/tmp dbname=x",
+         "postgresql://u@a:1,b:2/db", "postgresql://u@a:1,b/db", "postgresql://[::1]:5/db",
+         "postgresql:///db?host=/tmp", "postgresql://u@db/app?target_session_attrs=standby",
+         "service=x", "host=db target_session_attrs=read-write connect_timeout=0",
+         "host=db port=5432,5433", "postgresql://a,b,c/db?port=1,2"]
+_POOLS = st.fixed_dictionaries({}, optional={
+    "dsn": st.sampled_from(_DSNS),
+    "host": st.sampled_from(["db", "a,b", "10.0.0.1", "/tmp", "a,b,c"]),
+    "port": st.sampled_from([5432, "5432,5433", "1,2,3", "1,"]),
+    "hostaddr": st.sampled_from(["10.0.0.1", "10.0.0.1,10.0.0.2"]),
+    "target_session_attrs": st.sampled_from(["any", "read-write", "prefer-standby"]),
+    "minconn": st.integers(0, 3), "maxconn": st.integers(1, 4),
+    "role": st.sampled_from(["writer", "reader", "any"]),
+    "placement": st.sampled_from(["least_connections", "random"]),
+})
+targeted = st.dictionaries(st.sampled_from(["a", "b"]), _POOLS, min_size=1, max_size=2).map(
+    lambda pools: {"version": 1, "pools": pools})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(document=st.one_of(documents, targeted))
+def test_every_loaded_pool_builds(document: Any, tmp_path_factory: pytest.TempPathFactory
+                                  ) -> None:
+    """The registry builds pools from a loaded file with ConnectionPool(**pool_kwargs()): it
+    must never refuse what the loader accepted (its refusal has no line, and came after
+    check said ok). Built on a supervisor that never runs: nothing connects."""
+    import yaml
+
+    try:
+        config = load_config_text(yaml.safe_dump(document), environ=HYPOTHESIS_ENV,
+                                  base_dir=tmp_path_factory.getbasetemp())
+    except ConfigError:
+        return
+    supervisor = Supervisor(clock=FakeClock(), start=False)
+    for name, pool_config in config.pools.items():
+        kwargs = {**pool_config.pool_kwargs(), "background_prewarm": True}
+        pool = ConnectionPool(name=name, dns=config.dns_settings(), supervisor=supervisor,
+                              **kwargs)
+        pool.close()
