@@ -118,3 +118,26 @@ def test_closed_in_reverse_order_too(tmp_path: Path, dead_port: int,
     assert signal.getsignal(signal.SIGHUP) is not original_handler
     first.close()
     assert signal.getsignal(signal.SIGHUP) is original_handler
+
+
+def test_closed_from_another_thread_sighup_acts_as_the_default_again(tmp_path: Path,
+                                                                     dead_port: int) -> None:
+    """The handler cannot be removed off the main thread; once empty it does what the
+    original disposition (the default: terminate) would."""
+    import subprocess
+    import sys
+
+    path = _write(tmp_path / "pools.yaml", dead_port)
+    script = (
+        "import os, signal, sys, threading\n"
+        "from pgregistry import Registry\n"
+        f"reg = Registry.from_yaml({str(path)!r})\n"
+        "t = threading.Thread(target=reg.close); t.start(); t.join()\n"
+        "print('closed', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "threading.Event().wait(5)\n"
+        "print('survived', flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout == "closed\n" and out.returncode == -signal.SIGHUP, out.stderr
