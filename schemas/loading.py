@@ -3,16 +3,24 @@ every problem in it.
 
 The steps, each collecting problems rather than stopping at the first:
 
-1. read the file (a missing file is an error; an empty one is an empty mapping);
-2. safe YAML with the line and column of every key (duplicate and non-string keys refused);
+1. read the file (a missing file is an error; an empty one is an empty mapping; a file that
+   is not UTF-8 gets the line and column of its first bad byte);
+2. safe YAML with the line and column of every key and scalar value (duplicate and non-string
+   keys refused; tabs and unterminated quotes explained); top-level ``x-...`` keys (anchor
+   blocks) dropped; YAML 1.1 surprises (``05432`` octal, ``1:30`` base 60, ``on``/``no`` in a
+   text field) refused;
 3. ``${VAR}`` / ``${VAR:-default}`` expansion in every string value (``$$`` is a ``$``);
 4. ``defaults`` merged into every pool (a pool's own keys win; a pool that names its own
    password source drops the defaults' one);
 5. secrets resolved: ``password_env`` from the environment, ``password_file`` from disk;
-6. pydantic validation, each error turned into a :class:`Problem` with the key path, the YAML
-   position, the redacted value and a readable message (``did you mean`` for unknown keys).
+6. every ``dsn`` parsed and checked key by key as the pool keys of those names
+   (:mod:`.dsn_check`), each problem at its column in the string;
+7. pydantic validation, each error turned into a :class:`Problem` with the key path, the YAML
+   position, the redacted value and a readable message (:mod:`.translate`). A problem in
+   ``defaults`` is reported once there, not once per pool.
 
-``check_file`` runs exactly this loader, so a file it accepts is one the registry accepts.
+``check``, ``Registry.from_yaml``, ``reload()`` and ``stats`` all run exactly this loader, so a
+file one of them accepts is one they all accept.
 """
 
 from __future__ import annotations
@@ -189,6 +197,9 @@ class _Load(PydanticErrors):
 
     def add(self, path: Path, message: str, value: str | None = None,
             at: Path | None = None, offset: int | None = None) -> None:
+        """Record a problem at ``path``: placed at its key, or (``at``) at the start of the
+        value written at ``at``, or character ``offset`` of that value when it maps one to
+        one onto the line."""
         line, column = self.position(path if at is None else at)
         if offset is not None or at is not None:
             where = self.value_positions.get(self.source_path(path if at is None else at))
