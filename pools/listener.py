@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import threading
 import time
@@ -38,6 +39,7 @@ from psycopg2 import sql
 
 from .connector import ConnectFailed, Connector
 from .errors import ConnectError, PoolClosed, PoolError
+from .fork import detach
 
 __all__ = ["Dedicated", "Gap", "Listener", "ListenerSource", "Notify"]
 
@@ -82,7 +84,7 @@ class Gap:
     the iterating thread noticed the loss (the connection may have died earlier, while nobody
     iterated), ``reconnected_at`` when it listened again (``time.monotonic()`` seconds).
     ``reason`` says why the old connection went (``"lost"``, ``"moved"``: its pool was
-    replaced); ``address`` is where it listens now; ``error`` the secret-free summary of what
+    replaced, ``"fork"``: a forked child listens on its own connection); ``address`` is where it listens now; ``error`` the secret-free summary of what
     broke the old connection."""
 
     lost_at: float
@@ -142,6 +144,7 @@ class Listener:
         self._conn: Connection | None = None
         self._pool: ListenerSource | None = None
         self._owner: object = None  # what the source gave (identity tells a replaced pool)
+        self._pid = os.getpid()  # the process the connection belongs to
         self._label: str | None = None
         self._channels: dict[str, NotifyCallback | None] = {}
         self._pending: deque[Notify | Gap] = deque()
@@ -290,6 +293,8 @@ class Listener:
             with self._lock:
                 if self._closed:
                     return None
+                if self._conn is not None and os.getpid() != self._pid:
+                    self._forked_locked()
                 if self._pending:
                     return self._deliver_locked(self._pending.popleft())
                 if self._conn is not None and self._source() is not self._owner:
@@ -430,8 +435,21 @@ class Listener:
             pool.release_dedicated(label)
             raise
 
+    def _forked_locked(self) -> None:
+        """In a forked child: the parent's session is not ours. Its socket is pointed at
+        /dev/null (nothing reaches the parent's session), and the child listens on its own."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            detach(conn)
+            _close_quietly(conn)
+        self._pending.clear()  # the parent's, not yet iterated: the parent gets them
+        self._lost_at = time.monotonic()
+        self._lost_reason = "fork"
+        self._lost_error = None
+
     def _install_locked(self, pool: ListenerSource, conn: Connection, label: str) -> None:
         self._conn, self._pool, self._label = conn, pool, label
+        self._pid = os.getpid()
         self._backoff_s = 0.0
         self._next_attempt_at = 0.0
         if self._lost_at is None:

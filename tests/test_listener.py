@@ -4,6 +4,7 @@ reported, and a writer failover on a local cluster (stop, promote, DNS flip)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
@@ -333,6 +334,8 @@ def test_a_writer_listener_follows_the_aurora_topology_not_the_late_dns(aurora_c
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     with Registry.from_yaml(path, install_sighup=False) as reg:
         old = cluster.primary
+        topology = reg.get("writer").pool._connector.topology
+        assert wait_until(lambda: topology.snapshot is not None, 10)  # a running app knows it
         lst = reg.get("writer").listener()
         lst.listen("events")
         assert lst.address == f"{old.host}:{cluster.port}"
@@ -364,3 +367,37 @@ def test_a_writer_listener_follows_the_aurora_topology_not_the_late_dns(aurora_c
     with capsys.disabled():
         print(f"\nlistener, Aurora topology failover (writer DNS 30 s late): receiving "
               f"{back_s:.2f} s after the promotion")
+
+
+def test_a_forked_child_listens_on_its_own_connection(listener_of, pg_primary):
+    lst = listener_of()
+    lst.listen("forked")
+    parent_pid = lst.backend_pid()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            # the parent's session is detached; the child listens on a connection of its own
+            first = next(iter(lst.notifications(timeout=5)), None)
+            if isinstance(first, Gap) and first.reason == "fork" \
+                    and lst.backend_pid() != parent_pid:
+                notify(pg_primary, "forked", "to-child")
+                got = [n.payload for n in lst.notifications(timeout=3)
+                       if not isinstance(n, Gap)]
+                code = 0 if "to-child" in got else 2
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(0)
+    os.close(write_end)
+    try:
+        result = os.read(read_end, 1)
+    finally:
+        os.close(read_end)
+        os.waitpid(child, 0)
+    assert result == b"\x00", result
+    # the parent's session was never touched by the child
+    assert lst.backend_pid() == parent_pid
+    notify(pg_primary, "forked", "to-parent")
+    assert [n.payload for n in lst.notifications(timeout=2)
+            if not isinstance(n, Gap)][:2] == ["to-child", "to-parent"]
