@@ -84,8 +84,8 @@ class Gap:
     the iterating thread noticed the loss (the connection may have died earlier, while nobody
     iterated), ``reconnected_at`` when it listened again (``time.monotonic()`` seconds).
     ``reason`` says why the old connection went (``"lost"``, ``"moved"``: its pool was
-    replaced, ``"fork"``: a forked child listens on its own connection); ``address`` is where it listens now; ``error`` the secret-free summary of what
-    broke the old connection."""
+    replaced, ``"fork"``: a forked child listens on its own connection); ``address`` is where
+    it listens now; ``error`` the secret-free summary of what broke the old connection."""
 
     lost_at: float
     reconnected_at: float
