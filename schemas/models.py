@@ -10,20 +10,17 @@ runs with. Connection parameters (libpq) and secrets default to ``None`` (not se
 ``defaults:`` section is kept as given in :class:`PoolDefaults` (``model_fields_set`` says which
 keys were written); it is already merged into every pool by the loader.
 
-Cross-field checks are pure functions (:func:`pool_issues`, :func:`dns_issues`,
-:func:`fallback_issues`) that return :class:`Issue` values; the models' validators raise them
-as one :class:`CrossFieldError`, which the loader unpacks into one problem per issue.
+Field types live in :mod:`.fields`; the cross-field checks (pure functions returning
+:class:`Issue` values, raised by the models' validators as one :class:`CrossFieldError`) in
+:mod:`.checks`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
-import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
@@ -35,13 +32,32 @@ from pydantic import (
     Field,
     SecretStr,
     SerializerFunctionWrapHandler,
-    WithJsonSchema,
     WrapSerializer,
     field_serializer,
     model_validator,
 )
 
-from .dsn import DsnError, dsn_has_password, parse_dsn, redact_dsn
+from .checks import CrossFieldError, Issue, dns_issues, fallback_issues, pool_issues
+from .dsn import DsnError, parse_dsn, redact_dsn
+from .fields import (
+    Flag,
+    Float,
+    Int,
+    IpAddress,
+    NonNegFloat,
+    NonNegInt,
+    Port,
+    PosFloat,
+    Replication,
+    Secret,
+    Text,
+    TlsVersion,
+    check_hostaddr,
+    check_instance_host_pattern,
+    check_require_auth,
+    digits_to_int,
+    split_list,
+)
 
 __all__ = [
     "ConfigModel",
@@ -134,142 +150,7 @@ def _fingerprint(secret: str) -> str:
     return digest.hexdigest()[:32]
 
 
-# -- cross-field issues --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Issue:
-    """One cross-field problem: ``path`` (relative to the model that found it) names the key
-    to point at, ``()`` for the model itself; ``related`` names the sibling keys involved."""
-
-    path: tuple[str, ...]
-    message: str
-    related: tuple[str, ...] = ()
-
-
-class CrossFieldError(ValueError):
-    """The cross-field issues of one model, raised by its validator (pydantic wraps it in a
-    ``value_error`` whose ``ctx["error"]`` is this exception)."""
-
-    def __init__(self, issues: list[Issue]) -> None:
-        self.issues = tuple(issues)
-        super().__init__("; ".join(issue.message for issue in self.issues))
-
-
-# -- field types ---------------------------------------------------------------------------
-
-
-def _not_bool(value: object) -> object:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, got a boolean")
-    return value
-
-
-def _number_to_text(value: object) -> object:
-    """YAML reads ``dbname: 2024`` as a number; a text parameter takes it as text."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-def _digits_to_int(value: object) -> object:
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return value
-
-
-def _split_list(value: object) -> object:
-    """A list given as one string (typically from ``${VAR}``): comma- or space-separated."""
-    if isinstance(value, str):
-        return tuple(part for part in re.split(r"[\s,]+", value) if part)
-    return value
-
-
-def _check_ip(value: str) -> str:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError(
-            "not an IP address (nameservers are IP addresses, not host names)") from None
-    return value
-
-
-_RDS_ENDPOINT = re.compile(
-    r"^[a-z0-9-]+\.cluster-(?:ro-|custom-)?[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com(?:\.cn)?\.?$",
-    re.IGNORECASE,
-)
-
-
-def _check_instance_host_pattern(value: str) -> str:
-    labels = value.rstrip(".").split(".")
-    if value.count("?") != 1 or "?" not in labels:
-        raise ValueError("needs exactly one '?' as a whole DNS label (the instance id), e.g. "
-                         "'?.abc123.eu-west-1.rds.amazonaws.com'")
-    if any(not re.fullmatch(r"[A-Za-z0-9-]{1,63}", lb) for lb in labels if lb != "?"):
-        raise ValueError("is not a host name with '?' for the instance id")
-    return value
-
-
-def _check_hostaddr(value: str) -> str:
-    for part in value.split(","):
-        part = part.strip()
-        if part:
-            try:
-                ipaddress.ip_address(part)
-            except ValueError:
-                raise ValueError(
-                    "hostaddr takes IP addresses (comma-separated); put host names in host"
-                ) from None
-    return value
-
-
-def _check_port(value: object) -> object:
-    message = "port must be a number from 1 to 65535, or a comma-separated list of them"
-    if isinstance(value, bool):
-        raise ValueError(message)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isdigit():
-            value = int(text)
-        else:
-            parts = [part.strip() for part in text.split(",")]
-            if len(parts) < 2 or not all(
-                part == "" or (part.isdigit() and 1 <= int(part) <= 65535) for part in parts
-            ):
-                raise ValueError(message)
-            return ",".join(parts)
-    if isinstance(value, int):
-        if not 1 <= value <= 65535:
-            raise ValueError(message)
-        return value
-    raise ValueError(message)
-
-
-_AUTH_METHODS = frozenset({"password", "md5", "gss", "sspi", "scram-sha-256", "oauth", "none"})
-
-
-def _check_require_auth(value: str) -> str:
-    methods = [part.strip() for part in value.split(",")]
-    negated = {method.startswith("!") for method in methods}
-    if not value.strip() or len(negated) > 1 or not all(
-        method.lstrip("!") in _AUTH_METHODS for method in methods
-    ):
-        raise ValueError(
-            "require_auth is a comma-separated list of password, md5, gss, sspi, "
-            "scram-sha-256, oauth, none (all of them negated with '!', or none)"
-        )
-    return value
-
-
-def _replication_text(value: object) -> object:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return value.strip().lower()
-    return value
-
+# -- field types of the pool and registry models (the others: .fields) ----------------
 
 def _check_dsn(value: str) -> str:
     try:
@@ -285,34 +166,9 @@ def _check_dsn(value: str) -> str:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
-# Limits inside the Annotated (before the validator) so that they reach the JSON Schema of an
-# optional field as minimum/exclusiveMinimum.
-NonNegInt = Annotated[int, Field(ge=0), BeforeValidator(_not_bool)]
-NonNegFloat = Annotated[float, Field(ge=0), BeforeValidator(_not_bool)]
-PosFloat = Annotated[float, Field(gt=0), BeforeValidator(_not_bool)]
-# YAML reads `dbname: 2024` as a number; a text field takes it as text, and says so in its
-# JSON Schema (string or integer), so that editors and `check` agree.
-Text = Annotated[str, BeforeValidator(_number_to_text),
-                 WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]})]
-Secret = Annotated[SecretStr, BeforeValidator(_number_to_text),
-                   WithJsonSchema({"anyOf": [{"type": "string", "format": "password",
-                                              "writeOnly": True}, {"type": "integer"}]})]
-Flag = Annotated[int, Field(ge=0, le=1)]
 PoolName = Annotated[str, Field(pattern=POOL_NAME_PATTERN)]
 EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
-Port = Annotated[
-    Annotated[int, Field(ge=1, le=65535)] | Annotated[str, Field(pattern=r"^[0-9,]*$")],
-    BeforeValidator(_check_port),
-]
-Replication = Annotated[
-    Literal["true", "on", "yes", "1", "database", "false", "off", "no", "0"],
-    BeforeValidator(_replication_text),
-]
 Dsn = Annotated[str, AfterValidator(_check_dsn)]
-IpAddress = Annotated[str, AfterValidator(_check_ip)]
-TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
 
 # -- models --------------------------------------------------------------------------------
@@ -332,13 +188,13 @@ class ConfigModel(BaseModel):
 class DnsConfig(ConfigModel):
     """How host names are resolved (the ``dns:`` section)."""
 
-    nameservers: Annotated[tuple[IpAddress, ...], BeforeValidator(_split_list)] = Field(
+    nameservers: Annotated[tuple[IpAddress, ...], BeforeValidator(split_list)] = Field(
         default=(),
         description="Name servers to ask, as IP addresses; empty: the system's resolvers.")
     port: Int = Field(default=53, ge=1, le=65535, description="The name servers' port.")
     timeout: Float = Field(default=2.0, gt=0, description="Seconds for one try at one name server.")
     lifetime: Float = Field(default=5.0, gt=0, description="Seconds for a whole lookup, every try.")
-    search: Annotated[tuple[Text, ...], BeforeValidator(_split_list)] = Field(
+    search: Annotated[tuple[Text, ...], BeforeValidator(split_list)] = Field(
         default=(), description="Search domains appended to names without a dot; empty: none.")
     min_ttl: Float = Field(
         default=1.0, ge=0, description="An answer is cached at least this long (s).")
@@ -351,7 +207,7 @@ class DnsConfig(ConfigModel):
         default=0.8, gt=0, le=1,
         description="Refresh an answer when this fraction of its TTL has passed, in (0, 1].")
     families: Annotated[
-        tuple[Literal["ipv4", "ipv6"], ...], BeforeValidator(_split_list)
+        tuple[Literal["ipv4", "ipv6"], ...], BeforeValidator(split_list)
     ] = Field(default=("ipv4", "ipv6"), min_length=1, description="Address families to look up.")
 
     @model_validator(mode="after")
@@ -442,7 +298,7 @@ class _PoolFields(ConfigModel):
                     "instance, connecting to instance endpoints (readers spread at once; a "
                     "writer follows a failover before DNS does). auto: aurora for an Aurora "
                     "cluster (.cluster-) or reader (.cluster-ro-) endpoint name, else dns.")
-    instance_host_pattern: Annotated[Text, AfterValidator(_check_instance_host_pattern)] | None = (
+    instance_host_pattern: Annotated[Text, AfterValidator(check_instance_host_pattern)] | None = (
         Field(default=None,
               description="An instance endpoint with '?' for the instance id, e.g. "
                           "'?.abc123.eu-west-1.rds.amazonaws.com'. Derived from an RDS host "
@@ -514,7 +370,7 @@ class _PoolFields(ConfigModel):
         default=None,
         description="Host name(s), IP address(es) or socket directory; comma-separated for "
                     "several.")
-    hostaddr: Annotated[Text, AfterValidator(_check_hostaddr)] | None = Field(
+    hostaddr: Annotated[Text, AfterValidator(check_hostaddr)] | None = Field(
         default=None, description="IP address(es) to connect to, skipping DNS.")
     port: Port | None = Field(
         default=None, description="Port, or comma-separated ports (one per host).")
@@ -522,7 +378,7 @@ class _PoolFields(ConfigModel):
     user: Text | None = Field(default=None, description="User name.")
     passfile: Text | None = Field(
         default=None, description="libpq password file (~/.pgpass format).")
-    require_auth: Annotated[Text, AfterValidator(_check_require_auth)] | None = Field(
+    require_auth: Annotated[Text, AfterValidator(check_require_auth)] | None = Field(
         default=None, description="Authentication methods the server may ask for.")
     channel_binding: Literal["disable", "prefer", "require"] | None = Field(
         default=None, description="SCRAM channel binding.")
@@ -694,7 +550,7 @@ class RegistryConfig(ConfigModel):
     """The whole file. ``pools`` holds every pool with ``defaults`` merged in (a read-only
     mapping, in file order); ``defaults`` is the section as given."""
 
-    version: Annotated[Literal[1], BeforeValidator(_digits_to_int)] = Field(
+    version: Annotated[Literal[1], BeforeValidator(digits_to_int)] = Field(
         description="Version of the file format; must be 1.")
     dns: DnsConfig | None = Field(
         default=None, description="How host names are resolved; absent: the system's resolvers.")
@@ -717,91 +573,3 @@ class RegistryConfig(ConfigModel):
     def dns_settings(self) -> dict[str, Any] | None:
         """The ``dns:`` section as a plain mapping (lists as lists); ``None`` when absent."""
         return None if self.dns is None else self.dns.settings()
-
-
-# -- pure cross-field checks -----------------------------------------------------------------
-
-
-def _count(value: object) -> int:
-    return len(value.split(",")) if isinstance(value, str) else 1
-
-
-def pool_issues(pool: _PoolFields) -> list[Issue]:
-    """Cross-field problems of one pool (defaults already merged). Pure: no I/O."""
-    issues: list[Issue] = []
-    if not (pool.dsn or pool.host or pool.hostaddr or pool.service):
-        issues.append(Issue((), "nowhere to connect: set dsn or host (or hostaddr, or service)",
-                            ("dsn", "host", "hostaddr", "service")))
-    if pool.minconn > pool.maxconn:
-        issues.append(Issue(("minconn",), f"minconn ({pool.minconn}) is more than maxconn "
-                                         f"({pool.maxconn})", ("maxconn",)))
-    if pool.address_ban > pool.address_ban_max:
-        issues.append(Issue(("address_ban_max",), f"address_ban_max ({pool.address_ban_max:g}) "
-                                                  f"is less than address_ban "
-                                                  f"({pool.address_ban:g})", ("address_ban",)))
-    if pool.reconnect_backoff > pool.reconnect_backoff_max:
-        issues.append(Issue(("reconnect_backoff_max",),
-                            f"reconnect_backoff_max ({pool.reconnect_backoff_max:g}) is less "
-                            f"than reconnect_backoff ({pool.reconnect_backoff:g})",
-                            ("reconnect_backoff",)))
-    sources = [key for key in ("password_env", "password_file", "password_provider")
-               if getattr(pool, key) is not None]
-    if len(sources) > 1:
-        issues.append(Issue((sources[1],), "set only one of password, password_env, "
-                                           "password_file and password_provider",
-                            (sources[0],)))
-    has_secret = pool.password is not None or pool.password_provider is not None
-    if pool.dsn is not None and has_secret and dsn_has_password(pool.dsn):
-        source = ("password_env" if pool.password_env is not None else
-                  "password_file" if pool.password_file is not None else
-                  "password_provider" if pool.password_provider is not None else "password")
-        issues.append(Issue((source,), f"two passwords: the dsn has one and {source} gives "
-                                       "another; keep one", ("dsn",)))
-    if pool.host is not None and pool.port is not None:
-        hosts, ports = _count(pool.host), _count(pool.port)
-        if ports not in (1, hosts):
-            issues.append(Issue(("port",), f"{ports} ports for {hosts} hosts: give one port, "
-                                           "or one per host", ("host",)))
-    if pool.discovery == "aurora" and pool.instance_host_pattern is None:
-        host = pool.host
-        if host is None and pool.dsn is not None:
-            try:
-                host = parse_dsn(pool.dsn).get("host")
-            except DsnError:
-                host = None  # reported on its own
-        if host is not None and not _RDS_ENDPOINT.match(host):
-            issues.append(Issue(("discovery",), "discovery: aurora with a host that is not an "
-                                "RDS endpoint name needs instance_host_pattern (an instance "
-                                "endpoint with '?' for the instance id)",
-                                ("instance_host_pattern",)))
-    if pool.host is not None and pool.hostaddr is not None:
-        hosts, addrs = _count(pool.host), _count(pool.hostaddr)
-        if hosts != addrs:
-            issues.append(Issue(("hostaddr",), f"{addrs} hostaddr entries for {hosts} hosts: "
-                                               "give one per host", ("host",)))
-    return issues
-
-
-def dns_issues(dns: DnsConfig) -> list[Issue]:
-    """Cross-field problems of the ``dns:`` section. Pure."""
-    if dns.max_ttl < dns.min_ttl:
-        return [Issue(("max_ttl",), f"max_ttl ({dns.max_ttl:g}) is less than min_ttl "
-                                    f"({dns.min_ttl:g})", ("min_ttl",))]
-    return []
-
-
-def fallback_issues(fallbacks: Mapping[str, str | None]) -> list[Issue]:
-    """Problems of the pools' ``fallback`` keys (pool name -> fallback); paths are from the
-    top of the file. Pure."""
-    issues: list[Issue] = []
-    for name, fallback in fallbacks.items():
-        path = ("pools", name, "fallback")
-        if fallback is None:
-            continue
-        if fallback == name:
-            issues.append(Issue(path, f"pool {name!r} cannot be its own fallback"))
-        elif fallback not in fallbacks:
-            known = ", ".join(repr(n) for n in fallbacks if n != name) or "none"
-            issues.append(Issue(path, f"fallback pool {fallback!r} does not exist "
-                                      f"(other pools: {known})"))
-    return issues
