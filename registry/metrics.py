@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any, Protocol
@@ -46,13 +47,17 @@ class StatsSource:
 
     ``snapshot()`` returns ``({pool label: pool stats}, registry stats or None)``; a registry's
     pools are read through ``registry.stats()``, so a reload is seen at the next read.
+
+    The source holds its registry or pools weakly: one that is closed or dropped disappears from
+    the next read, and a collector left registered never keeps it alive.
     """
 
     def __init__(self, registry: _HasStats | None = None, pools: tuple[_HasStats, ...] = ()):
         if (registry is None) == (not pools):
             raise TypeError("give either a registry or one or more pools")
-        self._registry: Any = registry
-        self._pools = pools
+        self._registry: weakref.ref[Any] | None = (
+            weakref.ref(registry) if registry is not None else None)
+        self._pools = tuple(weakref.ref(p) for p in pools)
 
     @classmethod
     def of_registry(cls, registry: _HasStats) -> StatsSource:
@@ -61,7 +66,8 @@ class StatsSource:
     @classmethod
     def of_pools(cls, *pools: _HasStats) -> StatsSource:
         """Standalone pools. Of two pools with the same name only the first is reported (a
-        warning is logged at each read)."""
+        warning is logged at each read). Raises ``TypeError`` for anything without
+        ``stats()``."""
         for pool in pools:
             if not callable(getattr(pool, "stats", None)):
                 raise TypeError(f"not a pool (no stats()): {pool!r}")
@@ -69,25 +75,30 @@ class StatsSource:
 
     @property
     def registry(self) -> Any:
-        """The registry behind the source, or None for standalone pools."""
-        return self._registry
+        """The registry behind the source (None for standalone pools, or once it is gone)."""
+        return self._registry() if self._registry is not None else None
 
     @property
     def pools(self) -> tuple[Any, ...]:
         """The pool objects behind the source right now (a registry's current generation)."""
         if self._registry is not None:
-            reg = self._registry
+            reg = self._registry()
+            if reg is None or getattr(reg, "closed", False):
+                return ()
             return tuple(reg.get(name).pool for name in reg.names())
-        return self._pools
+        return tuple(p for p in (ref() for ref in self._pools) if p is not None)
 
     def snapshot(self) -> tuple[dict[str, Mapping[str, Any]], Mapping[str, Any] | None]:
         if self._registry is not None:
-            stats = dict(self._registry.stats())
+            reg = self._registry()
+            if reg is None or getattr(reg, "closed", False):
+                return {}, None
+            stats = dict(reg.stats())
             own = stats.pop("_registry", None)
             pools = {str(k): v for k, v in stats.items() if isinstance(v, Mapping)}
             return pools, own if isinstance(own, Mapping) else None
         by_name: dict[str, Mapping[str, Any]] = {}
-        for pool in self._pools:
+        for pool in self.pools:
             s = pool.stats()
             name = str(s.get("name"))
             if name in by_name:

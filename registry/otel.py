@@ -43,9 +43,10 @@ Our own figures, under ``pgregistry.``: ``pgregistry.pool.connection.opening``,
 ``network.peer.port``): ``pgregistry.address.connection.count`` (by state idle | used |
 opening), ``pgregistry.address.active``, ``pgregistry.address.banned``,
 ``pgregistry.address.connects``, ``pgregistry.address.connect_failures``; per DNS name
-(``dns.question.name``): ``pgregistry.dns.addresses``, ``pgregistry.dns.ttl`` (s),
-``pgregistry.dns.stale``, ``pgregistry.dns.queries``, ``pgregistry.dns.refresh_failures``,
-``pgregistry.dns.stale_served``; for a registry: ``pgregistry.registry.generation``,
+(``dns.question.name``): ``pgregistry.dns.addresses``, ``pgregistry.dns.members``,
+``pgregistry.dns.ttl`` (s), ``pgregistry.dns.stale``, ``pgregistry.dns.queries``,
+``pgregistry.dns.refresh_failures``, ``pgregistry.dns.stale_served``,
+``pgregistry.dns.answer_changes``; for a registry: ``pgregistry.registry.generation``,
 ``pgregistry.registry.reloads``, ``pgregistry.registry.reload_errors``. No error text and no
 secret is ever an attribute.
 """
@@ -178,8 +179,11 @@ class OtelInstrumentation:
              "Failed connects to the address."),
         ):
             counter(name, [self._cb(self._address_key(key))], unit, text)
-        updown("pgregistry.dns.addresses", [self._cb(self._dns_addresses)], "{address}",
+        updown("pgregistry.dns.addresses", [self._cb(self._dns_len("addresses"))], "{address}",
                "Addresses in the current answer for the name.")
+        updown("pgregistry.dns.members", [self._cb(self._dns_len("members"))], "{address}",
+               "Addresses the pool uses for the name (its answers within the membership "
+               "window).")
         m.create_observable_gauge("pgregistry.dns.ttl", [self._cb(self._dns_key("ttl_s"))], "s",
                                   "TTL of the current answer for the name.")
         updown("pgregistry.dns.stale", [self._cb(self._dns_key("stale"))], "1",
@@ -190,6 +194,8 @@ class OtelInstrumentation:
              "Failed DNS queries for the name."),
             ("stale_served", "pgregistry.dns.stale_served", "{answer}",
              "Times an expired answer was used for the name."),
+            ("answer_changes", "pgregistry.dns.answer_changes", "{answer}",
+             "Refreshes whose addresses differed from the last."),
         ):
             counter(name, [self._cb(self._dns_key(key))], unit, text)
         updown("pgregistry.registry.generation", [self._cb(self._registry_key("generation"))],
@@ -313,11 +319,13 @@ class OtelInstrumentation:
                 if isinstance(d, Mapping):
                     yield {POOL_NAME: name, "dns.question.name": str(qname)}, d
 
-    def _dns_addresses(self, pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
-        for attrs, d in self._names(pools):
-            addresses = d.get("addresses")
-            if isinstance(addresses, (list, tuple)):
-                yield Observation(len(addresses), attrs)
+    def _dns_len(self, key: str) -> Callable[..., Rows]:
+        def rows(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+            for attrs, d in self._names(pools):
+                items = d.get(key)
+                if isinstance(items, (list, tuple)):
+                    yield Observation(len(items), attrs)
+        return rows
 
     def _dns_key(self, key: str) -> Callable[..., Rows]:
         def rows(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:

@@ -544,8 +544,10 @@ def test_otel_conventions_with_the_sdk_reader(pg_cluster, dns_server, tmp_path, 
                      "network.peer.port": int(port)}
             assert read.point("pgregistry.address.connects", **where).value == a["connects"]
             assert read.point("pgregistry.address.banned", **where).value == a["banned"]
-        assert read.point("pgregistry.dns.addresses", **{
-            POOL_NAME: "readers", "dns.question.name": "readers.metrics.test"}).value == 2
+        name = {POOL_NAME: "readers", "dns.question.name": "readers.metrics.test"}
+        assert read.point("pgregistry.dns.addresses", **name).value == 2
+        assert read.point("pgregistry.dns.members", **name).value == \
+            len(stats["readers"]["dns"]["readers.metrics.test"]["members"]) == 2
         assert read.point("pgregistry.pool.checkouts", **{POOL_NAME: "writer"}).value == \
             stats["writer"]["checkouts"]
         assert read.point("pgregistry.pool.connection.closed", **{
@@ -667,3 +669,32 @@ def test_a_listener_interrupted_or_failing_leaves_the_books_exact(make_pool, bac
     with pool.conn():
         pass
     assert len(good.seen["waited"]) == waited
+
+
+def test_a_closed_registry_or_dropped_pool_leaves_the_scrape(pg_cluster, tmp_path, pg_server):
+    import gc
+    import weakref
+
+    from pgregistry import ConnectionPool
+    from pgregistry.prometheus import register_pools
+
+    yaml = tmp_path / "pools.yaml"
+    yaml.write_text(f"version: 1\npools:\n  w:\n    host: {pg_cluster.primary.host}\n"
+                    f"    port: {pg_cluster.port}\n    user: postgres\n    minconn: 0\n")
+    collector_registry = CollectorRegistry()
+    app = make_wsgi_app(collector_registry)
+    with Registry.from_yaml(yaml, install_sighup=False) as reg:
+        reg.register_prometheus(collector_registry)
+        assert Parsed(scrape(app)[1]).label_values("pgregistry_pool_size", "pool") == {"w"}
+    assert "pgregistry_" not in scrape(app)[1]  # closed: gone from the scrape
+
+    # the collector holds its pools weakly: a registered collector never keeps one alive
+    pool = ConnectionPool(0, 2, dsn=pg_server.dsn(), name="dropped")
+    register_pools(pool, collector_registry=collector_registry)
+    assert Parsed(scrape(app)[1]).label_values("pgregistry_pool_size", "pool") == {"dropped"}
+    pool.close()
+    ref = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert ref() is None
+    assert "pgregistry_" not in scrape(app)[1]
