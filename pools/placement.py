@@ -68,10 +68,13 @@ class Placement:
         self.moves_this_tick = 0
 
     def retire_removed(self) -> None:
-        """Retire the addresses DNS stopped naming (after any resolution)."""
+        """Retire the addresses that left the pool's members: DNS stopped naming them
+        (``dns_change``), or the Aurora topology did (``topology_change``: a reader that left or
+        became the writer, the old writer)."""
         removed = self.connector.take_removed()
         if removed:
-            self.retire(removed, "dns_change")
+            self.retire(removed, "topology_change" if self.connector.members_from == "topology"
+                        else "dns_change")
 
     def retire(self, labels: list[str], reason: str) -> None:
         """Connections to these addresses: idle ones closed now, checked-out ones on return."""

@@ -147,6 +147,18 @@ class ConnectionPool:
         once when connecting to it fails. 0 follows each answer exactly. The default keeps a
         member of a 15-instance endpoint sampled every second with odds of being dropped by
         chance of 1e-9 per window (see ``pgregistry.pools.addresses``). Live (``retune``).
+    :param discovery: where the pool finds its servers (:mod:`pgregistry.pools.topology`):
+        ``"dns"`` (the addresses its host names resolve to), ``"aurora"`` (the instances of
+        the cluster's topology, ``aurora_replica_status()``, by their instance endpoints: a
+        ``reader`` pool spreads over the readers, a ``writer`` pool follows the writer the
+        topology names, ahead of DNS after a failover) or ``"auto"`` (default: ``aurora`` for
+        an Aurora cluster or reader endpoint name, else ``dns``). ``ValueError`` for another
+        value.
+    :param instance_host_pattern: with ``aurora``, an instance endpoint with ``?`` for the
+        instance id (default: derived from an RDS endpoint name as AWS's driver does; required
+        otherwise, ``ValueError`` without it).
+    :param topology_refresh_interval: seconds between topology refreshes (default 30; every
+        second while a writer pool hunts a new writer).
     """
 
 
@@ -204,6 +216,9 @@ class ConnectionPool:
         recycle: str | None = None,
         dns_membership_window: float = DEFAULT_MEMBERSHIP_WINDOW_S,
         max_replica_lag: float | None = None,
+        discovery: str = "auto",
+        instance_host_pattern: str | None = None,
+        topology_refresh_interval: float = 30.0,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(minconn, maxconn)
@@ -236,7 +251,9 @@ class ConnectionPool:
         self._connector = Connector(
             dsn, dns=dns, resolver=resolver, clock=self._clock, placement=placement,
             ban_initial=address_ban, ban_max=address_ban_max, rng=self._rng, name=self.name,
-            membership_window=dns_membership_window, **connect_kwargs,
+            membership_window=dns_membership_window, role=role, discovery=discovery,
+            instance_host_pattern=instance_host_pattern,
+            topology_refresh_interval=topology_refresh_interval, **connect_kwargs,
         )
         self._dedicated = Dedicated(self.name, self._connector)  # listeners' connections
         self._role = role
@@ -256,6 +273,8 @@ class ConnectionPool:
             request(task)
 
         self._wake = wake
+        self._connector.set_wake(wake)  # a new topology (pools/topology.py): look again now
+
         orphans = bag.orphans
 
         def on_lost(wref: Any) -> None:  # a checked-out connection was garbage-collected
@@ -618,6 +637,7 @@ class ConnectionPool:
             # in the same locked step (a return racing this sees closed and closes its own)
             conns = [(e, bag.forget_locked(e)) for e in bag.drain_idle_locked()]
         self._supervisor.unregister(self._task)
+        self._connector.close()  # leaves the cluster's shared topology
         for e, conn in conns:
             self._opener.close(e, conn, "pool_closed")
         self._dedicated.close()
@@ -663,6 +683,7 @@ class ConnectionPool:
                 "dns": dns_stats(self._connector, now),
                 "recycle": self._recycle,
                 "max_replica_lag": self.max_replica_lag,
+                **self._connector.discovery_stats(),
             })
         out["listeners"] = self._dedicated.stats()
         return out
