@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
+	@bash .ci/setup-system --tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -1,18 +1,24 @@
-"""``python -m pgregistry demo``: pgregistry live, against a local Aurora-like cluster.
+"""``pgregistry demo`` (``python -m pgregistry demo``): pgregistry live, against a local
+cluster that behaves like Aurora.
 
 With no arguments (``make demo``) it starts a writer and two streaming replicas on
-127.0.0.11-13 (one port) with the project's test harness, a loopback DNS server with a 1 s TTL
-(``writer.demo.test``, ``readers.demo.test``), writes a YAML file for them and builds the
-registry from it. Writer and reader threads run a mixed workload while a plain-text table shows,
-every ``--interval`` seconds, each pool's connections per address, checkouts per second and
-errors. A scripted timeline (scaled to ``--duration``) then:
+127.0.0.11-13 (one port) with the project's test harness. The cluster publishes its topology as
+Aurora does (``aurora_replica_status()``) and a loopback DNS server answers Aurora's endpoints as
+Aurora's DNS does: an instance endpoint per instance (TTL 5 s), the reader endpoint a CNAME to
+ONE reader per query (TTL 1 s), the cluster (writer) endpoint a CNAME that follows a failover
+only 30 s late. The demo writes a YAML file for them (``discovery: aurora``) and builds the
+registry from it. Writer and reader threads run a mixed workload while a plain-text table
+shows, every ``--interval`` seconds, each pool's connections per address, checkouts per second
+and errors. A scripted timeline (scaled to ``--duration``) then:
 
 - rewrites the YAML (readers grow) and sends SIGHUP to the demo itself: the registry reloads;
-- adds a replica and publishes it in ``readers.demo.test``: connections spread onto it;
-- fails the writer over (stop it, promote a replica, flip DNS): writes pause, then resume on
-  the new writer; the write outage is measured.
+- adds a replica: it joins the topology, the readers' connections spread onto it;
+- fails the writer over (stop it, promote a replica): writes pause, then resume on the new
+  writer as soon as the topology names it, while the writer endpoint's DNS still names the old
+  one; the write outage after the promotion is measured.
 
-A summary follows and everything is stopped (also on Ctrl-C, exit 130).
+The pools' warnings go to a log file (named in the summary), not between the table's rows. A
+summary follows and everything is stopped (also on Ctrl-C, exit 130).
 
 With ``--config FILE`` it runs the workload and the table against your own pools instead
 (``--writer`` / ``--reader`` name them; writes there are ``SELECT txid_current()``, which needs
@@ -44,16 +50,15 @@ from .registry import Registry
 from .schemas import ConfigError
 
 if TYPE_CHECKING:
-    from .testing.cluster import LocalCluster
+    from .testing.aurora import AuroraCluster
     from .testing.dns import DnsServer
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-WRITER_HOST = "writer.demo.test"
-READERS_HOST = "readers.demo.test"
-DNS_TTL = 1
+WRITER_DNS_LAG_S = 30.0  # the cluster endpoint follows a failover this late (Aurora: 40-60 s)
+TOPOLOGY_REFRESH_S = 2.0  # the demo's topology_refresh_interval (default 30 s)
 MIN_TIMELINE_DURATION = 10.0
 
 WRITER_THREADS = 4
@@ -141,6 +146,7 @@ class FailoverWatch:
     old_host: str
     new_host: str | None = None
     promoted_in: float | None = None
+    promoted_at: float | None = None
     last_before: float | None = None
     first_after: float | None = None
     first_after_host: str | None = None
@@ -156,6 +162,13 @@ class FailoverWatch:
     @property
     def recovery(self) -> float | None:
         return None if self.first_after is None else self.first_after - self.started
+
+    @property
+    def after_promotion(self) -> float | None:
+        """Seconds from the promotion to the first write on the new writer."""
+        if self.first_after is None or self.promoted_at is None:
+            return None
+        return max(0.0, self.first_after - self.promoted_at)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -278,6 +291,7 @@ class Workload:
     # -- what the main thread reads ---------------------------------------------------------
 
     def watch_failover(self, old_host: str) -> FailoverWatch:
+        """Start measuring a failover away from ``old_host``."""
         with self._lock:
             watch = FailoverWatch(started=time.monotonic(), old_host=old_host,
                                   last_before=self.last_write_by_host.get(old_host))
@@ -381,11 +395,12 @@ class Event:
     action: Callable[[], None]
 
 
-def demo_yaml(dns_port: int, pg_port: int, readers_min: int = 2, readers_max: int = 6) -> str:
+def demo_yaml(dns_port: int, pg_port: int, writer_host: str, reader_host: str,
+              readers_min: int = 2, readers_max: int = 6) -> str:
     return textwrap.dedent(f"""\
-        # Written by `python -m pgregistry demo` for its local cluster.
+        # Written by `{command_name()} demo` for its local Aurora-like cluster.
         version: 1
-        dns:                          # the demo's loopback DNS server (A records, TTL {DNS_TTL} s)
+        dns:                          # the demo's loopback DNS server, answering as Aurora's does
           nameservers: [127.0.0.1]
           port: {dns_port}
           timeout: 0.5
@@ -398,19 +413,23 @@ def demo_yaml(dns_port: int, pg_port: int, readers_min: int = 2, readers_max: in
           connect_timeout: 1          # per address tried
           timeout: 5                  # a checkout waits at most this long
           application_name: pgregistry-demo
+          discovery: aurora           # members from aurora_replica_status(), not from DNS
+          topology_refresh_interval: {TOPOLOGY_REFRESH_S:g}  # default 30 s; short for the demo
         pools:
           writer:
-            host: {WRITER_HOST}       # the "cluster endpoint": always the writer
+            # the cluster endpoint: a CNAME to the writer that follows a failover
+            # {WRITER_DNS_LAG_S:.0f} s late; the pool connects to the writer the topology names
+            host: {writer_host}
             role: writer
-            target_session_attrs: read-write
             minconn: 2
             maxconn: 8
           readers:
-            host: {READERS_HOST}      # the "reader endpoint": one A record per replica
+            # the reader endpoint: a CNAME to ONE reader per query (TTL 1 s); the pool spreads
+            # over every reader of the topology at once
+            host: {reader_host}
             role: reader
             minconn: {readers_min}
             maxconn: {readers_max}
-            lifetime_timeout: 60      # connections drift onto replicas added later
         """)
 
 
@@ -420,8 +439,26 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)  # like a deploy tool: a reload never sees half a file
 
 
-def _hosts(servers: Sequence[Any]) -> str:
-    return " ".join(s.host for s in servers)
+def _instances(servers: Sequence[Any]) -> str:
+    return ", ".join(f"{s.name} on {s.host}" for s in servers)
+
+
+def from_checkout() -> bool:
+    """Whether this package runs from the project's checkout (``registry/`` beside
+    ``pyproject.toml``), not from an installed wheel."""
+    return (Path(__file__).resolve().parent.parent / "pyproject.toml").is_file()
+
+
+def command_name() -> str:
+    """How a user runs the CLI here: ``python -m pgregistry`` in a checkout, else the
+    installed console script ``pgregistry``."""
+    return "python -m pgregistry" if from_checkout() else "pgregistry"
+
+
+def install_hint(extra: str) -> str:
+    if from_checkout():
+        return f"pip install -e '.[{extra}]' (make demo does it)"
+    return f"pip install 'pgregistry[{extra}]'"
 
 
 class Demo:
@@ -432,7 +469,7 @@ class Demo:
         self.out = out
         self.duration: float = args.duration
         self.interval: float = args.interval
-        self.cluster: LocalCluster | None = None
+        self.cluster: AuroraCluster | None = None
         self.dns: DnsServer | None = None
         self.tmpdir: Path | None = None
         self.yaml_path: Path | None = None
@@ -449,23 +486,28 @@ class Demo:
         self.reloads_seen = 0
         self.reload_errors_seen = 0
         self.completed = False
+        self.log_path: Path | None = None
+        self.warnings: _Counting | None = None
 
     # -- setup ------------------------------------------------------------------------------
 
     def setup_local(self, stack: contextlib.ExitStack) -> None:
         try:
-            from .testing.cluster import LocalCluster
+            from .testing.aurora import AuroraCluster
             from .testing.dns import DnsServer
         except ImportError as exc:
             raise SystemExit(
-                f"the demo needs the project's test extra ({exc}): "
-                "pip install -e '.[test]' (make demo does it)"
+                f"the demo needs the project's test extra ({exc}): {install_hint('test')}"
             ) from exc
 
         started = time.monotonic()
         self.out.line(f"pgregistry demo: {self.duration:.0f} s of workload against a local "
                       "Aurora-like cluster (Ctrl-C stops it early)")
-        cluster = LocalCluster(n_replicas=2)
+        dns = DnsServer()
+        stack.callback(dns.stop)
+        dns.start()
+        self.dns = dns
+        cluster = AuroraCluster(n_replicas=2, dns=dns, writer_dns_lag_s=WRITER_DNS_LAG_S)
         stack.callback(cluster.stop)  # stops every server, deletes the data
         cluster.start()
         self.cluster = cluster
@@ -477,27 +519,24 @@ class Demo:
         cluster.wait_replicated()
         version = primary.execute("SELECT split_part(current_setting('server_version'), ' ', 1)")
         self.out.line(
-            f"  cluster   writer {primary.host}, replicas {_hosts(cluster.replicas)}, "
-            f"port {cluster.port} (PostgreSQL {version[0][0] if version else '?'}, "
-            f"data in {cluster.dir})"
+            f"  cluster   writer {primary.name} on {primary.host}, readers "
+            f"{_instances(cluster.replicas)}, port {cluster.port} (PostgreSQL "
+            f"{version[0][0] if version else '?'}, data in {cluster.dir})"
         )
-
-        dns = DnsServer()
-        stack.callback(dns.stop)
-        dns.start()
-        self.dns = dns
-        dns.set_a(WRITER_HOST, [primary.host], ttl=DNS_TTL)
-        dns.set_a(READERS_HOST, [r.host for r in cluster.replicas], ttl=DNS_TTL)
-        self.out.line(f"  dns       {dns.host}:{dns.port}, TTL {DNS_TTL} s: {WRITER_HOST} -> "
-                      f"{primary.host}; {READERS_HOST} -> {_hosts(cluster.replicas)}")
+        self.out.line(f"  topology  aurora_replica_status() on every instance; instance "
+                      f"endpoints {cluster.instance_host_pattern} (TTL 5 s)")
+        self.out.line(f"  dns       {dns.host}:{dns.port}: reader endpoint "
+                      f"{cluster.reader_endpoint} -> one reader per query (TTL 1 s); cluster "
+                      f"endpoint {cluster.writer_endpoint} -> the writer, "
+                      f"{WRITER_DNS_LAG_S:.0f} s late after a failover")
 
         tmpdir = Path(tempfile.mkdtemp(prefix="pgregistry-demo-"))
         stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
         self.tmpdir = tmpdir
         self.yaml_path = tmpdir / "pools.yaml"
-        _write_atomically(self.yaml_path, demo_yaml(dns.port, cluster.port))
-        self.out.line(f"  config    {self.yaml_path} (writer: minconn 2, maxconn 8; "
-                      "readers: minconn 2, maxconn 6)")
+        _write_atomically(self.yaml_path, self._yaml())
+        self.out.line(f"  config    {self.yaml_path} (discovery: aurora; writer: minconn 2, "
+                      "maxconn 8; readers: minconn 2, maxconn 6)")
         self._build(stack, writer="writer", reader="readers",
                     write_sql=DEMO_WRITE, read_sql=DEMO_READ)
 
@@ -544,6 +583,11 @@ class Demo:
         if reader:
             threads.append(f"{READER_THREADS} reader threads on {reader!r} (SELECT 1)")
         self.out.line("  workload  " + ", ".join(threads))
+
+    def _yaml(self, readers_min: int = 2, readers_max: int = 6) -> str:
+        assert self.cluster is not None and self.dns is not None
+        return demo_yaml(self.dns.port, self.cluster.port, self.cluster.writer_endpoint,
+                         self.cluster.reader_endpoint, readers_min, readers_max)
 
     @staticmethod
     def _peek_pools(path: Path) -> list[str]:
@@ -635,7 +679,7 @@ class Demo:
                 self.out.event(
                     f"{self.workload.reads.pool}: first connections on "
                     f"{self.new_replica_label} ({row['connections']}), "
-                    f"{time.monotonic() - self.new_replica_added_at:.1f} s after it joined DNS"
+                    f"{time.monotonic() - self.new_replica_added_at:.1f} s after it joined"
                 )
                 self.new_replica_label = None
         watch = self.watch
@@ -648,15 +692,15 @@ class Demo:
                 f"writes resumed on {watch.first_after_host}: write outage "
                 f"{watch.outage or 0.0:.2f} s ({last}, first on the new writer at "
                 f"{watch.first_after - self.t0:.2f} s); recovery {watch.recovery or 0.0:.2f} s "
-                "after the failover started"
+                f"after the failover started, {watch.after_promotion or 0.0:.2f} s after the "
+                "promotion"
             )
 
     # -- the timeline -----------------------------------------------------------------------
 
     def event_sighup(self) -> None:
         assert self.yaml_path is not None and self.cluster and self.dns and self.registry
-        _write_atomically(self.yaml_path, demo_yaml(self.dns.port, self.cluster.port,
-                                                    readers_min=6, readers_max=9))
+        _write_atomically(self.yaml_path, self._yaml(readers_min=6, readers_max=9))
         if signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, signal.SIG_IGN, None):
             # no handler (the demo is not on the main thread): SIGHUP would end the process
             self.out.event("readers grows (minconn 2 -> 6, maxconn 6 -> 9): YAML rewritten, "
@@ -668,33 +712,30 @@ class Demo:
         os.kill(os.getpid(), signal.SIGHUP)
 
     def event_add_replica(self) -> None:
-        assert self.cluster is not None and self.dns is not None
+        assert self.cluster is not None
         self.out.event("new replica: pg_basebackup from the writer, then start it")
         started = time.monotonic()
         server = self.cluster.add_replica()
         took = time.monotonic() - started
-        replicas = [r for r in self.cluster.replicas if r.running]
-        self.dns.set_a(READERS_HOST, [r.host for r in replicas], ttl=DNS_TTL)
         self.new_replica_label = f"{server.host}:{server.port}"
         self.new_replica_added_at = time.monotonic()
         self.out.event(f"new replica {server.name} on {server.host} ready in {took:.1f} s; "
-                       f"{READERS_HOST} -> {_hosts(replicas)}")
+                       f"it is in the topology and the reader endpoint's rotation")
 
     def event_failover(self) -> None:
-        assert self.cluster is not None and self.dns is not None and self.workload is not None
+        assert self.cluster is not None and self.workload is not None
         old = self.cluster.primary
-        self.out.event(f"FAILOVER: stopping the writer {old.host}, promoting a replica")
+        self.out.event(f"FAILOVER: stopping the writer {old.name} ({old.host}), "
+                       "promoting a replica")
         self.watch = self.workload.watch_failover(old.host)
         new = self.cluster.failover()
-        self.watch.promoted_in = time.monotonic() - self.watch.started
+        self.watch.promoted_at = time.monotonic()
+        self.watch.promoted_in = self.watch.promoted_at - self.watch.started
         self.watch.new_host = new.host
-        self.dns.set_a(WRITER_HOST, [new.host], ttl=DNS_TTL)
-        replicas = [r for r in self.cluster.replicas if r.running]
-        self.dns.set_a(READERS_HOST, [r.host for r in replicas], ttl=DNS_TTL)
         self.out.event(
             f"FAILOVER: {new.name} ({new.host}) promoted in {self.watch.promoted_in:.2f} s, "
-            f"other replicas follow it; {WRITER_HOST} -> {new.host}, "
-            f"{READERS_HOST} -> {_hosts(replicas)}"
+            f"other replicas follow it; the topology names it now, the cluster endpoint's "
+            f"DNS still names {old.name} for {WRITER_DNS_LAG_S:.0f} s"
         )
 
     # -- the end ----------------------------------------------------------------------------
@@ -748,6 +789,11 @@ class Demo:
                     f"after {watch.first_after - self.t0:.2f} s on {watch.first_after_host}: "
                     f"outage {watch.outage or 0.0:.2f} s, recovery {watch.recovery or 0.0:.2f} s"
                 )
+                out.line(
+                    f"write outage after the promotion: {watch.after_promotion or 0.0:.2f} s "
+                    f"(the writer endpoint's DNS followed only {WRITER_DNS_LAG_S:.0f} s later: "
+                    "the pool found the new writer in the topology)"
+                )
             elif interrupted:
                 out.line(f"write recovery: writes had not resumed yet (failover at "
                          f"{watch.started - self.t0:.2f} s)")
@@ -756,6 +802,8 @@ class Demo:
                          f"{watch.started - self.t0:.2f} s")
         elif self.cluster is not None and not interrupted:
             out.line("write recovery: the failover did not run")
+        if self.log_path is not None and self.warnings is not None:
+            out.line(f"pool warnings: {self.warnings.count} (the pools' log: {self.log_path})")
         if interrupted:
             out.line("result: interrupted")
         elif watch is not None and watch.first_after is None:
@@ -787,7 +835,7 @@ def _positive(text: str) -> float:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pgregistry demo", description=(__doc__ or "").replace("``", ""),
+        prog=f"{command_name()} demo", description=(__doc__ or "").replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--duration", type=_positive, default=60.0, metavar="SECONDS",
@@ -804,7 +852,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reader", default="readers", metavar="NAME",
                         help="with --config: the pool to read from (default readers)")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="INFO logs of the pools on stderr (default: warnings only)")
+                        help="the pools' INFO logs on stderr too (they always go to the log "
+                             "file named in the summary)")
+    parser.add_argument("--log", metavar="FILE",
+                        help="where the pools' logs go (default: pgregistry-demo-<pid>.log in "
+                             "the temporary directory)")
     args = parser.parse_args(argv)
     if args.config is None and args.duration < MIN_TIMELINE_DURATION:
         parser.error(f"--duration must be at least {MIN_TIMELINE_DURATION:.0f} s for the "
@@ -812,28 +864,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+class _Counting(logging.Handler):
+    """Counts the warnings the pools logged during the run (for the summary)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
 @contextlib.contextmanager
-def _logging(verbose: bool) -> Iterator[None]:
-    """Warnings (or, verbose, the pools' INFO logs) on stderr, so the table stays readable."""
+def _logging(verbose: bool, log_path: Path) -> Iterator[_Counting]:
+    """The pools' logs (INFO and up) go to ``log_path``, never between the table's rows; with
+    ``verbose`` also on stderr."""
     root = logging.getLogger()
-    handler: logging.Handler | None = None
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    names = ("pgregistry",)
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
-    saved.append((root, root.level))
-    root.setLevel(logging.WARNING)
-    for name in names:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    lib = logging.getLogger("pgregistry")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(log_path, encoding="utf-8", delay=True)
+    file_handler.setFormatter(fmt)
+    counting = _Counting()
+    handlers: list[logging.Handler] = [file_handler, counting]
+    if verbose:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(fmt)
+        handlers.append(stderr)
+    saved = [(lib, lib.level, lib.propagate), (root, root.level, root.propagate)]
+    lib.setLevel(logging.INFO)
+    lib.propagate = False  # the table owns stdout and stderr
+    for handler in handlers:
+        lib.addHandler(handler)
     try:
-        yield
+        yield counting
     finally:
-        for lg, level in saved:
+        for handler in handlers:
+            lib.removeHandler(handler)
+        file_handler.close()
+        for lg, level, propagate in saved:
             lg.setLevel(level)
-        if handler is not None:
-            root.removeHandler(handler)
+            lg.propagate = propagate
 
 
 @contextlib.contextmanager
@@ -871,8 +941,12 @@ def _no_interruptions() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = Output()
-    with _logging(args.verbose), _stop_signals():
+    log_path = Path(args.log) if args.log else (
+        Path(tempfile.gettempdir()) / f"pgregistry-demo-{os.getpid()}.log")
+    with _logging(args.verbose, log_path) as warnings, _stop_signals():
         demo = Demo(args, out)
+        demo.log_path = log_path
+        demo.warnings = warnings
         interrupted: str | None = None
         exit_code = 0
         try:
