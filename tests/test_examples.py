@@ -1,5 +1,5 @@
 """The shipped examples: the annotated YAML validates, and the app runs on it against the local
-cluster (the file's ${VAR} defaults name Aurora; the environment points it here)."""
+Aurora-like cluster (the file's ${VAR} defaults name Aurora; the environment points it here)."""
 
 from __future__ import annotations
 
@@ -31,17 +31,15 @@ def test_example_yaml_names_a_missing_password_variable():
     assert "PGPASSWORD" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_example_app_runs_on_the_local_cluster(pg_cluster, dns_server):
-    primary, r1, r2 = pg_cluster.servers[:3]
-    dns_server.set_a("writer.example.test", [primary.host], ttl=5)
-    dns_server.set_a("readers.example.test", [r1.host, r2.host], ttl=5)
+def test_example_app_runs_on_the_local_cluster(aurora_cluster, dns_server):
+    """On the Aurora-faithful cluster: the example's discovery: aurora reads its topology."""
     env = {
         **os.environ,
         "PGREGISTRY_DNS_SERVER": "127.0.0.1",
         "PGREGISTRY_DNS_PORT": str(dns_server.port),
-        "WRITER_HOST": "writer.example.test",
-        "READER_HOST": "readers.example.test",
-        "PGPORT": str(pg_cluster.port),
+        "WRITER_HOST": aurora_cluster.writer_endpoint,
+        "READER_HOST": aurora_cluster.reader_endpoint,
+        "PGPORT": str(aurora_cluster.port),
         "PGDATABASE": "postgres",
         "PGUSER": "postgres",
         "PGPASSWORD": "unused-with-trust-auth",
