@@ -147,18 +147,12 @@ class ConnectionPool:
         once when connecting to it fails. 0 follows each answer exactly. The default keeps a
         member of a 15-instance endpoint sampled every second with odds of being dropped by
         chance of 1e-9 per window (see ``pgregistry.pools.addresses``). Live (``retune``).
-    :param discovery: where the pool finds its servers (:mod:`pgregistry.pools.topology`):
-        ``"dns"`` (the addresses its host names resolve to), ``"aurora"`` (the instances of
-        the cluster's topology, ``aurora_replica_status()``, by their instance endpoints: a
-        ``reader`` pool spreads over the readers, a ``writer`` pool follows the writer the
-        topology names, ahead of DNS after a failover) or ``"auto"`` (default: ``aurora`` for
-        an Aurora cluster or reader endpoint name, else ``dns``). ``ValueError`` for another
-        value.
+    :param discovery: ``"dns"``, ``"aurora"`` (members from the cluster's topology,
+        ``aurora_replica_status()``, see :mod:`pgregistry.pools.topology`) or ``"auto"``
+        (default: ``aurora`` for an Aurora cluster or reader endpoint name, else ``dns``).
     :param instance_host_pattern: with ``aurora``, an instance endpoint with ``?`` for the
-        instance id (default: derived from an RDS endpoint name as AWS's driver does; required
-        otherwise, ``ValueError`` without it).
-    :param topology_refresh_interval: seconds between topology refreshes (default 30; every
-        second while a writer pool hunts a new writer).
+        instance id (default: derived from an RDS endpoint name; ``ValueError`` otherwise).
+    :param topology_refresh_interval: seconds between topology refreshes (default 30).
     """
 
 

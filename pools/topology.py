@@ -20,8 +20,9 @@ Invariants: one :class:`ClusterTopology` per (instance host pattern, port) in th
 it never blocks a checkout (readers of :attr:`ClusterTopology.snapshot` get the last good one,
 or None); at most one refresh of a topology runs at a time, never on the supervisor thread
 (:meth:`ClusterTopology.maybe_refresh` hands it to a short-lived worker thread that ends with
-it); a refresh that outlives :attr:`ClusterTopology.refresh_budget_s` is abandoned (its late
-result is dropped) and the next one may start. While a writer is being hunted (after a writer
+it); a refresh that outlives :attr:`ClusterTopology.refresh_budget_s` is abandoned: the socket
+of its query is shut down (the watchdog's way: a frozen instance cannot keep the worker), its
+late result is dropped, and the next one may start. While a writer is being hunted (after a writer
 pool saw its writer go) the topology is refreshed every :data:`FAILOVER_REFRESH_S` until it
 names another writer.
 """
@@ -44,6 +45,7 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from .clock import REAL_CLOCK, Clock
+from .watchdog import PingGuard
 
 __all__ = [
     "DISCOVERY_MODES",
@@ -284,6 +286,7 @@ class ClusterTopology:
         self._hunt_started_at: float | None = None
         self._last_request_at = -math.inf
         self._warned: set[str] = set()
+        self._guard: PingGuard | None = None  # the running refresh's query
 
     def __repr__(self) -> str:
         return f"<ClusterTopology {self.key} v{self.version}>"
@@ -385,6 +388,7 @@ class ClusterTopology:
                 return False
             if not running and now < self._next_at:
                 return False
+            stuck, self._guard = self._guard, None
             if running:
                 logger.warning("topology %s: a refresh got no answer in %.0f s: abandoned",
                                self.key, self.refresh_budget_s)
@@ -392,6 +396,8 @@ class ClusterTopology:
             generation = self._generation
             self._running_since = now
             hosts = self._sources(seeds)
+        if running and stuck is not None:
+            stuck.expire()  # its blocked read returns at once; the worker ends
         worker = threading.Thread(
             target=self._refresh, args=(generation, probe, hosts),
             name=f"pgregistry-topology-{self.pattern.split('.', 2)[1][:20]}", daemon=True,
@@ -428,6 +434,10 @@ class ClusterTopology:
             except Exception as exc:  # noqa: BLE001 - every failure means "try the next one"
                 errors.append(f"{host}: {_first_line(exc)}")
                 continue
+            guard = PingGuard(conn)
+            with self._lock:
+                if generation == self._generation:
+                    self._guard = guard
             try:
                 rows, source = fetch_topology(conn)
                 snapshot = parse_topology(rows, self.pattern, source, self.clock.monotonic())
@@ -437,6 +447,7 @@ class ClusterTopology:
                 errors.append(f"{host}: {_first_line(exc)}")
                 continue
             finally:
+                guard.finish()
                 _close_quietly(conn)
             break
         self._finish(generation, snapshot, verdict, errors)
@@ -450,6 +461,7 @@ class ClusterTopology:
             if generation != self._generation:
                 return  # abandoned: a newer refresh owns the state
             self._running_since = None
+            self._guard = None
             self.last_refresh_at = now
             self.refreshes += 1
             interval = min((s.refresh_interval_s for s in self._subs.values()), default=30.0)

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 #: ``increase()`` see the first one; a reason not listed here is exposed once it occurs.
 CLOSE_REASONS = (
     "idle", "lifetime", "broken", "validation", "garbage_collected", "requested", "resize",
-    "pool_closed", "dns_change", "rebalance", "role_change", "demoted_writer", "cleared",
-    "reset_failed",
+    "pool_closed", "dns_change", "topology_change", "rebalance", "role_change", "demoted_writer",
+    "cleared", "reset_failed",
 )
 
 #: The states of a pool's connections in ``stats()``: idle, checked out, being opened.

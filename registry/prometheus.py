@@ -29,6 +29,9 @@ Families (counters end in ``_total`` in the exposition):
 - DNS names: ``dns_addresses``, ``dns_ttl_seconds``, ``dns_expires_in_seconds``, ``dns_stale``,
   ``dns_queries``, ``dns_refresh_failures``, ``dns_stale_served``, ``dns_members``,
   ``dns_answer_changes``, ``dns_family_failures`` {rdtype};
+- Aurora topology (``discovery: aurora``; label ``cluster``, the instance host pattern):
+  ``topology_instances`` {role}, ``topology_available``, ``topology_hunting_writer``,
+  ``topology_refresh_age_seconds``, ``topology_refreshes``, ``topology_refresh_failures``;
 - the registry: ``registry_generation``, ``registry_reloads``, ``registry_reload_errors``,
   ``registry_last_reload_timestamp_seconds``, ``registry_last_reload_success``,
   ``registry_last_reload_duration_seconds``, ``registry_draining_pools``.
@@ -254,6 +257,9 @@ def _pool_series(out: _Families, pool: str, s: Mapping[str, Any]) -> None:
         for name, d in dns.items():
             if isinstance(d, Mapping):
                 _dns_series(out, pool, str(name), d)
+    topology = s.get("topology")
+    if isinstance(topology, Mapping):
+        _topology_series(out, pool, topology)
     fallback = s.get("fallback")
     if isinstance(fallback, Mapping):
         to = fallback.get("to")
@@ -324,6 +330,35 @@ def _dns_series(out: _Families, pool: str, name: str, d: Mapping[str, Any]) -> N
             ("counter", "dns_family_failures",
              "Queries of one address family (A or AAAA) that failed while the other answered.",
              n),))
+
+
+def _topology_series(out: _Families, pool: str, t: Mapping[str, Any]) -> None:
+    """The Aurora topology a pool with ``discovery: aurora`` uses (``cluster``: its instance
+    host pattern)."""
+    cluster = str(t.get("instance_host_pattern"))
+    instances = t.get("instances")
+    if isinstance(instances, Mapping):
+        roles = [i.get("role") for i in instances.values() if isinstance(i, Mapping)]
+        for role in ("writer", "reader"):
+            out.gauge("topology_instances",
+                      "Instances of the cluster's topology (aurora_replica_status()) by role.",
+                      ("pool", "cluster", "role")).add_metric(
+                          [pool, cluster, role], float(roles.count(role)))
+    state = t.get("state")
+    rows: tuple[tuple[str, str, str, Any], ...] = (
+        ("gauge", "topology_available",
+         "1 while the topology can be read (else the pool uses DNS discovery).",
+         None if state is None else state != "unavailable"),
+        ("gauge", "topology_hunting_writer",
+         "1 while a writer pool lost its writer and the topology is refreshed every second.",
+         None if state is None else state == "hunting_writer"),
+        ("gauge", "topology_refresh_age_seconds", "Seconds since the last topology refresh.",
+         t.get("last_refresh_s_ago")),
+        ("counter", "topology_refreshes", "Topology refreshes.", t.get("refreshes")),
+        ("counter", "topology_refresh_failures", "Topology refreshes that failed.",
+         t.get("refresh_failures")),
+    )
+    _add_rows(out, ("pool", "cluster"), [pool, cluster], rows)
 
 
 def _registry_series(out: _Families, r: Mapping[str, Any]) -> None:
