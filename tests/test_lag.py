@@ -197,3 +197,42 @@ def test_every_replica_lagging_falls_back_to_the_writer_and_back(fresh_cluster, 
     finally:
         stop.set()
         t.join(5)
+
+
+def test_with_aurora_topology_the_lag_comes_from_replica_lag_in_msec(aurora_cluster,
+                                                                     dns_server, tmp_path):
+    import yaml
+    from pgregistry import Registry
+
+    cluster = aurora_cluster
+    config = {
+        "version": 1,
+        "dns": {"nameservers": ["127.0.0.1"], "port": dns_server.port, "lifetime": 1.0,
+                "timeout": 0.5},
+        "pools": {"readers": {
+            "host": cluster.reader_endpoint, "port": cluster.port, "user": "postgres",
+            "dbname": "postgres", "role": "reader", "minconn": 3, "maxconn": 6,
+            "max_replica_lag": 1, "topology_refresh_interval": 0.5,
+            "rebalance_interval": 0.2}},
+    }
+    path = tmp_path / "pools.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    slow = cluster.replicas[0]
+    with Registry.from_yaml(path, install_sighup=False) as reg:
+        pool = reg.get("readers").pool
+
+        def rows():
+            return {k: v for k, v in pool.stats()["addresses"].items() if v["active"]}
+
+        label = f"{slow.host}:{cluster.port}"
+        assert wait_until(lambda: label in rows() and rows()[label]["replica_lag_s"] == 0.0,
+                          15), rows()
+        cluster.primary.execute("UPDATE pgr_aurora_topology SET replica_lag_in_msec = 4000 "
+                                "WHERE server_id = %s", (slow.name,))
+        assert wait_until(lambda: rows()[label]["lagging"], 10), rows()[label]
+        assert rows()[label]["replica_lag_s"] == 4.0
+        assert wait_until(lambda: rows()[label]["connections"] == 0, 5), rows()
+        cluster.primary.execute("UPDATE pgr_aurora_topology SET replica_lag_in_msec = 10 "
+                                "WHERE server_id = %s", (slow.name,))
+        assert wait_until(lambda: not rows()[label]["lagging"], 10), rows()
+        assert label in [a.label for a in pool._connector.book.order(0.0)][:3]
