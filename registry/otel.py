@@ -33,7 +33,10 @@ instrument                                 kind             unit          value
 The up-down counters and counters are observable: read from ``stats()`` when the SDK collects.
 The three histograms are recorded as things happen, through the pool's timing listener: while a
 pool is instrumented its checkouts and returns take the pool's slow path (as with leak
-detection), which costs about a lock per checkout; an uninstrumented pool pays nothing.
+detection), and each checkout and return costs one SDK ``Histogram.record`` (several
+microseconds in the Python SDK: ``make bench BENCH_ARGS=--otel`` measures it);
+``histograms=False`` leaves them out and the pools their fast paths. An uninstrumented pool
+pays nothing.
 
 Our own figures, under ``pgregistry.``: ``pgregistry.pool.connection.opening``,
 ``pgregistry.pool.connection.opened``, ``pgregistry.pool.connection.closed`` (by
@@ -46,9 +49,13 @@ opening), ``pgregistry.address.active``, ``pgregistry.address.banned``,
 (``dns.question.name``): ``pgregistry.dns.addresses``, ``pgregistry.dns.members``,
 ``pgregistry.dns.ttl`` (s), ``pgregistry.dns.stale``, ``pgregistry.dns.queries``,
 ``pgregistry.dns.refresh_failures``, ``pgregistry.dns.stale_served``,
-``pgregistry.dns.answer_changes``; for a registry: ``pgregistry.registry.generation``,
-``pgregistry.registry.reloads``, ``pgregistry.registry.reload_errors``. No error text and no
-secret is ever an attribute.
+``pgregistry.dns.answer_changes``; for a registry (``pgregistry.registry.path``, its YAML
+file): ``pgregistry.registry.generation``, ``pgregistry.registry.reloads``,
+``pgregistry.registry.reload_errors``. No error text and no secret is ever an attribute.
+
+Everything instrumented on one meter provider shares one set of instruments (OpenTelemetry
+creates a name once per meter): two registries, or a registry and standalone pools, report
+side by side; their pool names must differ.
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ require_extra("opentelemetry.metrics", "otel", "pgregistry.otel")
 from opentelemetry import metrics as otel_metrics  # noqa: E402
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation  # noqa: E402
 
-__all__ = ["OtelInstrumentation", "instrument_pools", "instrument_registry"]
+__all__ = ["Instrumented", "OtelInstrumentation", "instrument_pools", "instrument_registry"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,29 +111,19 @@ class _PoolTimings:
 
 
 class OtelInstrumentation:
-    """The instruments of one source on one meter. Built by :func:`instrument_registry` and
-    :func:`instrument_pools`; :meth:`uninstrument` stops reporting (OpenTelemetry cannot delete
-    instruments: their callbacks then report nothing) and detaches the timing listeners."""
+    """The instruments of one meter provider, shared by everything instrumented on it (an
+    instrument name can be created only once per meter: a second registry or pool on the same
+    provider joins the first one's instruments). Each :func:`instrument_registry` or
+    :func:`instrument_pools` call adds one :class:`Instrumented` source."""
 
-    def __init__(self, source: StatsSource, meter: Meter) -> None:
-        self.source = source
+    def __init__(self, meter: Meter) -> None:
         self.meter = meter
         self._lock = threading.Lock()
-        self._snapshot: tuple[float, dict[str, Mapping[str, Any]], Mapping[str, Any] | None]
-        self._snapshot = (-1e18, {}, None)
-        self._active = True
-        self._listeners: weakref.WeakKeyDictionary[Any, _PoolTimings] = \
-            weakref.WeakKeyDictionary()
+        self._sources: list[Instrumented] = []
+        self._snapshot: tuple[float, dict[str, Mapping[str, Any]], list[Mapping[str, Any]]]
+        self._snapshot = (-1e18, {}, [])
+        self._histograms: tuple[Histogram, Histogram, Histogram] | None = None
         m = meter
-        self.create_time = m.create_histogram(
-            "db.client.connection.create_time", "s", "The time it took to create a new "
-            "connection.", explicit_bucket_boundaries_advisory=TIME_BUCKETS_S)
-        self.wait_time = m.create_histogram(
-            "db.client.connection.wait_time", "s", "The time it took to obtain an open "
-            "connection from the pool.", explicit_bucket_boundaries_advisory=TIME_BUCKETS_S)
-        self.use_time = m.create_histogram(
-            "db.client.connection.use_time", "s", "The time between borrowing a connection and "
-            "returning it to the pool.", explicit_bucket_boundaries_advisory=TIME_BUCKETS_S)
         updown, counter = m.create_observable_up_down_counter, m.create_observable_counter
         updown("db.client.connection.count", [self._cb(self._count)], "{connection}",
                "The number of connections that are currently in state described by the state "
@@ -205,56 +202,74 @@ class OtelInstrumentation:
         counter("pgregistry.registry.reload_errors",
                 [self._cb(self._registry_key("reload_errors"))], "{reload}",
                 "Reloads rejected (the running config stays).")
+
+    def add(self, source: StatsSource, histograms: bool) -> Instrumented:
+        inst = Instrumented(self, source, histograms)
+        with self._lock:
+            self._sources.append(inst)
+            self._snapshot = (-1e18, {}, [])
         for pool in source.pools:
-            self.attach(pool)
+            inst.attach(pool)
+        return inst
 
-    # -- timing listeners ---------------------------------------------------------------------
-
-    def attach(self, pool: Any) -> None:
-        """Record ``pool``'s create, wait and use times (a registry calls this for every pool
-        it builds). Idempotent."""
+    def remove(self, inst: Instrumented) -> None:
         with self._lock:
-            if not self._active or pool in self._listeners:
-                return
-            listener = _PoolTimings(str(pool.name), self.create_time, self.wait_time,
-                                    self.use_time)
-            self._listeners[pool] = listener
-        pool.add_timing_listener(listener)
+            if inst in self._sources:
+                self._sources.remove(inst)
+            self._snapshot = (-1e18, {}, [])
 
-    def uninstrument(self) -> None:
-        """Stop: callbacks report nothing more, pools lose their timing listeners."""
+    def histograms(self) -> tuple[Histogram, Histogram, Histogram]:
+        """create_time, wait_time, use_time (created on first use)."""
         with self._lock:
-            self._active = False
-            attached = list(self._listeners.items())
-            self._listeners.clear()
-        for pool, listener in attached:
-            pool.remove_timing_listener(listener)
-        registry = getattr(self.source, "registry", None)
-        if registry is not None:
-            registry.remove_pool_observer(self.attach)
+            if self._histograms is None:
+                m = self.meter
+                self._histograms = (
+                    m.create_histogram(
+                        "db.client.connection.create_time", "s",
+                        "The time it took to create a new connection.",
+                        explicit_bucket_boundaries_advisory=TIME_BUCKETS_S),
+                    m.create_histogram(
+                        "db.client.connection.wait_time", "s",
+                        "The time it took to obtain an open connection from the pool.",
+                        explicit_bucket_boundaries_advisory=TIME_BUCKETS_S),
+                    m.create_histogram(
+                        "db.client.connection.use_time", "s",
+                        "The time between borrowing a connection and returning it to the "
+                        "pool.", explicit_bucket_boundaries_advisory=TIME_BUCKETS_S),
+                )
+            return self._histograms
 
     # -- observable callbacks -----------------------------------------------------------------
 
-    def _cb(self, fn: Callable[[dict[str, Mapping[str, Any]], Mapping[str, Any] | None], Rows],
+    def _cb(self, fn: Callable[[dict[str, Mapping[str, Any]], list[Mapping[str, Any]]], Rows],
             ) -> Callable[[CallbackOptions], Rows]:
         def callback(options: CallbackOptions) -> Rows:
-            if not self._active:
-                return []
-            pools, registry = self._read()
-            return list(fn(pools, registry))
+            pools, registries = self._read()
+            return list(fn(pools, registries))
         return callback
 
-    def _read(self) -> tuple[dict[str, Mapping[str, Any]], Mapping[str, Any] | None]:
-        """One snapshot serves every callback of one collection (they run back to back)."""
+    def _read(self) -> tuple[dict[str, Mapping[str, Any]], list[Mapping[str, Any]]]:
+        """Every source's pools (a name already seen is skipped, with a warning) and registry
+        figures; one read serves every callback of one collection (they run back to back)."""
         now = time.monotonic()
         with self._lock:
-            at, pools, registry = self._snapshot
+            at, pools, registries = self._snapshot
             if now - at <= SNAPSHOT_REUSE_S:
-                return pools, registry
-        pools, registry = self.source.snapshot()
+                return pools, registries
+            sources = list(self._sources)
+        pools, registries = {}, []
+        for inst in sources:
+            some, registry = inst.source.snapshot()
+            for name, s in some.items():
+                if name in pools:
+                    logger.warning("otel: two pools named %r; reporting only the first", name)
+                    continue
+                pools[name] = s
+            if registry is not None:
+                registries.append(registry)
         with self._lock:
-            self._snapshot = (time.monotonic(), pools, registry)
-        return pools, registry
+            self._snapshot = (time.monotonic(), pools, registries)
+        return pools, registries
 
     @staticmethod
     def _count(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
@@ -337,12 +352,56 @@ class OtelInstrumentation:
 
     @staticmethod
     def _registry_key(key: str) -> Callable[..., Rows]:
-        def rows(_: Any, registry: Mapping[str, Any] | None) -> Rows:
-            if registry is not None:
+        def rows(_: Any, registries: list[Mapping[str, Any]]) -> Rows:
+            for registry in registries:
                 v = _number(registry.get(key))
                 if v is not None:
-                    yield Observation(v)
+                    path = str(registry.get("path") or "")
+                    yield Observation(v, {"pgregistry.registry.path": path})
         return rows
+
+
+class Instrumented:
+    """One registry or set of pools reported on a provider's :class:`OtelInstrumentation`;
+    what :func:`instrument_registry` and :func:`instrument_pools` return.
+    :meth:`uninstrument` stops reporting it and detaches its timing listeners."""
+
+    def __init__(self, shared: OtelInstrumentation, source: StatsSource,
+                 histograms: bool) -> None:
+        self.shared = shared
+        self.source = source
+        self.histograms = histograms
+        self._lock = threading.Lock()
+        self._active = True
+        self._listeners: weakref.WeakKeyDictionary[Any, _PoolTimings] = \
+            weakref.WeakKeyDictionary()
+
+    def attach(self, pool: Any) -> None:
+        """Record ``pool``'s create, wait and use times, unless ``histograms`` is off (a
+        registry calls this for every pool it builds). Idempotent."""
+        if not self.histograms:
+            return
+        create, wait, use = self.shared.histograms()
+        with self._lock:
+            if not self._active or pool in self._listeners:
+                return
+            listener = _PoolTimings(str(pool.name), create, wait, use)
+            self._listeners[pool] = listener
+        pool.add_timing_listener(listener)
+
+    def uninstrument(self) -> None:
+        """Stop: its pools are no longer observed (OpenTelemetry cannot delete instruments;
+        they report the other sources, or nothing) and lose their timing listeners."""
+        with self._lock:
+            self._active = False
+            attached = list(self._listeners.items())
+            self._listeners.clear()
+        self.shared.remove(self)
+        for pool, listener in attached:
+            pool.remove_timing_listener(listener)
+        registry = self.source.registry
+        if registry is not None:
+            registry.remove_pool_observer(self.attach)
 
 
 def _number(value: Any) -> int | float | None:
@@ -361,24 +420,38 @@ def _peer(label: str) -> dict[str, Any]:
     return {"network.peer.address": host.strip("[]"), "network.peer.port": int(port)}
 
 
-def _meter(meter_provider: Any) -> Meter:
+_shared: dict[int, tuple[Any, OtelInstrumentation]] = {}
+_shared_lock = threading.Lock()
+
+
+def _instrumentation(meter_provider: Any) -> OtelInstrumentation:
+    """The provider's one instrumentation (made on first use)."""
     from . import __version__
 
     provider = meter_provider or otel_metrics.get_meter_provider()
-    return provider.get_meter("pgregistry", __version__)
+    with _shared_lock:
+        found = _shared.get(id(provider))
+        if found is None or found[0] is not provider:
+            found = (provider, OtelInstrumentation(provider.get_meter("pgregistry", __version__)))
+            _shared[id(provider)] = found
+        return found[1]
 
 
-def instrument_registry(registry: Any, meter_provider: Any = None) -> OtelInstrumentation:
+def instrument_registry(registry: Any, meter_provider: Any = None, *,
+                        histograms: bool = True) -> Instrumented:
     """Instrument ``registry``'s pools, now and after every reload (see the module docstring),
-    on a meter of ``meter_provider`` (default: the global meter provider). Same as
-    ``registry.instrument_otel()``."""
-    inst = OtelInstrumentation(StatsSource.of_registry(registry), _meter(meter_provider))
+    on ``meter_provider`` (default: the global meter provider). ``histograms=False`` leaves out
+    the three time histograms (nothing is then recorded per checkout: the pools keep their
+    fast paths). Same as ``registry.instrument_otel()``."""
+    inst = _instrumentation(meter_provider).add(StatsSource.of_registry(registry), histograms)
     registry.add_pool_observer(inst.attach)
     return inst
 
 
-def instrument_pools(*pools: Any, meter_provider: Any = None) -> OtelInstrumentation:
+def instrument_pools(*pools: Any, meter_provider: Any = None,
+                     histograms: bool = True) -> Instrumented:
     """Instrument standalone ``ConnectionPool`` objects (attribute
-    ``db.client.connection.pool.name`` = the pool's ``name``). Raises ``TypeError`` when given
-    no pool or something without ``stats()``."""
-    return OtelInstrumentation(StatsSource.of_pools(*pools), _meter(meter_provider))
+    ``db.client.connection.pool.name`` = the pool's ``name``); ``histograms`` as for
+    :func:`instrument_registry`. Raises ``TypeError`` when given no pool or something without
+    ``stats()``."""
+    return _instrumentation(meter_provider).add(StatsSource.of_pools(*pools), histograms)

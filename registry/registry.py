@@ -414,17 +414,18 @@ class Registry:
 
         return register_registry(self, collector_registry)
 
-    def instrument_otel(self, meter_provider: Any = None) -> Any:
+    def instrument_otel(self, meter_provider: Any = None, *, histograms: bool = True) -> Any:
         """Report this registry's pools (pools built by later reloads too) through
         OpenTelemetry, with the database client connection pool conventions
         (``db.client.connection.*``) and ``pgregistry.*`` figures, on a meter of
         ``meter_provider`` (default: the global meter provider). Returns the instrumentation
         (``.uninstrument()`` to stop). Needs the ``otel`` extra (``pip install
-        'pgregistry[otel]'``); without it, ImportError naming the extra. See
-        :mod:`pgregistry.otel`."""
+        'pgregistry[otel]'``); without it, ImportError naming the extra. ``histograms=False``
+        leaves out the create/wait/use time histograms, whose per-checkout recording sends the
+        pools' checkouts and returns through their slow paths (see :mod:`pgregistry.otel`)."""
         from .otel import instrument_registry
 
-        return instrument_registry(self, meter_provider)
+        return instrument_registry(self, meter_provider, histograms=histograms)
 
     # -- reloading --------------------------------------------------------------------------
 

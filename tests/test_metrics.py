@@ -599,6 +599,24 @@ def test_otel_standalone_pools(make_pool, otel_reader):
     with pytest.raises(TypeError):
         instrument_pools(meter_provider=provider)
 
+    # without the histograms: nothing per checkout, the pool keeps its fast paths
+    b = make_pool(minconn=1, maxconn=2, name="otel-b", background_prewarm=False)
+    instrument_pools(b, meter_provider=provider, histograms=False)
+    assert b.timing_listeners == ()
+    with b.conn():
+        pass
+    read = OtelRead(reader)
+    assert read.point("db.client.connection.count", **{
+        POOL_NAME: "otel-b", "db.client.connection.state": "idle"}).value == 1
+    assert not read.points("db.client.connection.wait_time", **{POOL_NAME: "otel-b"})
+
+    # a second source on the same provider joins the same instruments: both are reported
+    c = make_pool(minconn=0, maxconn=5, name="otel-c")
+    instrument_pools(c, meter_provider=provider)
+    read = OtelRead(reader)
+    assert {p.attributes[POOL_NAME] for p in read.points("db.client.connection.max")} == \
+        {"otel-b", "otel-c"}
+
 
 # -- timing listeners: never a cost when absent, never a broken promise when present -------------
 
