@@ -160,6 +160,7 @@ class Connector:
         self.book = AddressBook(placement=placement, ban_initial=ban_initial, ban_max=ban_max,
                                 rng=rng)
         self._removed: list[str] = []
+        self._wake: Callable[[], None] | None = None
         self._unresolved: set[tuple[str, str]] = set()
         self._last_forced = -1e9
         for t in self.targets:  # addresses that need no lookup are known from the start
@@ -273,7 +274,9 @@ class Connector:
         return mode
 
     def set_wake(self, wake: Callable[[], None]) -> None:
-        """How the topology asks this connector's pool to look again (its supervisor task)."""
+        """How the topology, or a change of members, asks this connector's pool to look again
+        (its supervisor task)."""
+        self._wake = wake
         topo = self.topology
         if topo is None:
             return
@@ -470,8 +473,8 @@ class Connector:
         ``Member(host, ip, port)`` tuples; an empty one withdraws the source. They add to the
         members DNS or the topology give (an address is a member while any source lists it).
         Addresses no source lists any more are retired by the pool at its next maintenance
-        step. ``source`` must not start with ``dns:`` (DNS names' own). Returns (added,
-        removed) labels."""
+        step (asked for at once). ``source`` must not start with ``dns:`` (DNS names' own).
+        Returns (added, removed) labels."""
         if source.startswith("dns:"):
             raise ValueError(f"source {source!r}: 'dns:' sources are the DNS names' own")
         if isinstance(members, Mapping):
@@ -481,6 +484,8 @@ class Connector:
             listed = [Member(*m) for m in members]
         added, removed = self.book.set_members(source, listed)
         self._removed.extend(removed)
+        if (added or removed) and self._wake is not None:
+            self._wake()  # place connections on the new members, retire the ones that left
         return added, removed
 
     def discovery_stats(self) -> dict[str, Any]:

@@ -108,7 +108,7 @@ class Maintenance:
         due = self.connector.refresh_due()
         if due is not None and now >= due:
             self.connector.refresh(now)
-            self.placement.retire_removed()
+        self.placement.retire_removed()  # members that left (DNS, the topology, set_members)
         reap_idle = bool(self.reap_idle_interval) and now >= self.next_reap_at
         if reap_idle:
             self.next_reap_at = now + self.reap_idle_interval

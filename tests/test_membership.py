@@ -184,6 +184,30 @@ def test_the_membership_window_ends_a_departed_member(pg_cluster, rotating_pool,
     assert r1.backend_count(pool.app) == 2
 
 
+def test_members_from_another_source_add_to_dns_and_leave_when_withdrawn(
+    pg_cluster, rotating_pool, stepped
+):
+    r1, r2 = pg_cluster.replicas
+    pool = rotating_pool([r1.host], minconn=4, maxconn=4)
+    stepped.run_until_idle()
+    assert r1.backend_count(pool.app) == 4
+    connector = pool._connector
+    added, _ = connector.set_members("static", {"replica2.test": r2.host})
+    assert added == [f"{r2.host}:{pg_cluster.port}"]
+    for _ in range(5):
+        stepped.clock.advance(1.0)
+        stepped.run_until_idle()
+    assert [r1.backend_count(pool.app), r2.backend_count(pool.app)] == [2, 2]
+    assert pool.stats()["addresses"][added[0]]["host"] == "replica2.test"
+    _, removed = connector.set_members("static", {})
+    assert removed == added
+    stepped.run_until_idle()
+    assert wait_until(lambda: r2.backend_count(pool.app) == 0)
+    assert pool.stats()["closed_by_reason"].get("dns_change", 0) == 2
+    with pytest.raises(ValueError, match="dns:"):
+        connector.set_members("dns:x:1", {})
+
+
 # -- discovery of all members by DNS alone (fake clock) -----------------------------------------
 
 
