@@ -73,11 +73,7 @@ def pool_issues(pool: _PoolFields) -> list[Issue]:
                   "password_provider" if pool.password_provider is not None else "password")
         issues.append(Issue((source,), f"two passwords: the dsn has one and {source} gives "
                                        "another; keep one", ("dsn",)))
-    if pool.host is not None and pool.port is not None:
-        hosts, ports = _count(pool.host), _count(pool.port)
-        if ports not in (1, hosts):
-            issues.append(Issue(("port",), f"{ports} ports for {hosts} hosts: give one port, "
-                                           "or one per host", ("host",)))
+    issues += _host_list_issues(pool)
     if pool.discovery == "aurora" and pool.instance_host_pattern is None:
         host = pool.host
         if host is None and pool.dsn is not None:
@@ -90,11 +86,36 @@ def pool_issues(pool: _PoolFields) -> list[Issue]:
                                 "RDS endpoint name needs instance_host_pattern (an instance "
                                 "endpoint with '?' for the instance id)",
                                 ("instance_host_pattern",)))
-    if pool.host is not None and pool.hostaddr is not None:
-        hosts, addrs = _count(pool.host), _count(pool.hostaddr)
-        if hosts != addrs:
-            issues.append(Issue(("hostaddr",), f"{addrs} hostaddr entries for {hosts} hosts: "
-                                               "give one per host", ("host",)))
+    return issues
+
+
+def _host_list_issues(pool: _PoolFields) -> list[Issue]:
+    """The host, port and hostaddr lists the pool ends up with, from its keys and its dsn
+    together (keys win), as the connector reads them: one port or one per host, one hostaddr
+    per host; without host, each hostaddr is a host (libpq's rule)."""
+    params: dict[str, str] = {}
+    if pool.dsn is not None:
+        try:
+            params = parse_dsn(pool.dsn)
+        except DsnError:
+            params = {}  # reported on its own
+    values = {name: getattr(pool, name) if getattr(pool, name) is not None else params.get(name)
+              for name in ("host", "port", "hostaddr")}
+    from_dsn = [name for name in values if getattr(pool, name) is None and name in params]
+    given = [name for name in values if values[name] is not None]
+    note = ("" if not from_dsn else " (in the dsn)" if set(given) <= set(from_dsn)
+            else " (dsn and pool keys together)")
+    host, port, hostaddr = values["host"], values["port"], values["hostaddr"]
+    hosts = _count(host) if host else _count(hostaddr) if hostaddr else 1
+    issues = []
+    if port is not None and _count(port) not in (1, hosts):
+        issues.append(Issue(("port",) if pool.port is not None else ("dsn",),
+                            f"{_count(port)} ports for {hosts} hosts{note}: give one port, or "
+                            "one per host", ("host",)))
+    if host and hostaddr and _count(hostaddr) != hosts:
+        issues.append(Issue(("hostaddr",) if pool.hostaddr is not None else ("dsn",),
+                            f"{_count(hostaddr)} hostaddr entries for {hosts} hosts{note}: give "
+                            "one per host", ("host",)))
     return issues
 
 

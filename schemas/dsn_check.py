@@ -20,10 +20,10 @@ import psycopg2
 import psycopg2.extensions
 from pydantic import ValidationError
 
-from .dsn import SECRET_DSN_KEYS, DsnError, DsnParam, parse_dsn, parse_dsn_params
+from .dsn import SECRET_DSN_KEYS, DsnError, DsnParam, parse_dsn_params
 from .models import LIBPQ_PARAMETERS, LOAD_BALANCE_HOSTS_REASON, POOL_KEYWORDS, PoolDefaults
 
-__all__ = ["DsnIssue", "dsn_issues", "host_list_issues", "similar_key"]
+__all__ = ["DsnIssue", "dsn_issues", "similar_key"]
 
 #: Every keyword a dsn may hold.
 DSN_KEYWORDS = frozenset(LIBPQ_PARAMETERS | SECRET_DSN_KEYS)
@@ -111,34 +111,3 @@ def dsn_issues(dsn: str) -> list[DsnIssue]:
                                      "shown: it may quote the password)")]
     return []
 
-
-def _items(value: object) -> list[str] | None:
-    if value is None:
-        return None
-    return [part.strip() for part in str(value).split(",")]
-
-
-def host_list_issues(dsn: str, keys: dict[str, object]) -> list[str]:
-    """Problems of the host, port and hostaddr lists a pool ends up with when the dsn gives
-    some of them and pool keys (``keys``, which win) the others: one port or one per host,
-    one hostaddr per host. Only when the dsn is involved (the keys alone are the models'
-    check). ``[]`` for a dsn that does not parse (reported already)."""
-    try:
-        params = parse_dsn(dsn)
-    except DsnError:
-        return []
-    lists = {name: _items(keys[name]) if keys.get(name) is not None else _items(params.get(name))
-             for name in ("host", "port", "hostaddr")}
-    from_dsn = any(keys.get(name) is None and name in params for name in lists)
-    if not from_dsn:
-        return []
-    hosts, ports, addrs = lists["host"], lists["port"], lists["hostaddr"]
-    count = len(hosts) if hosts is not None else len(addrs) if addrs is not None else 1
-    issues = []
-    if ports is not None and len(ports) not in (1, count):
-        issues.append(f"{len(ports)} ports for {count} hosts (dsn and pool keys together): give "
-                      "one port, or one per host")
-    if addrs is not None and len(addrs) != count:
-        issues.append(f"{len(addrs)} hostaddr entries for {count} hosts (dsn and pool keys "
-                      "together): give one per host")
-    return issues

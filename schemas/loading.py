@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from ._yaml import Path, Surprise, ValuePosition, parse_yaml
 from .dsn import REDACTED, dsn_has_password
-from .dsn_check import dsn_issues, host_list_issues
+from .dsn_check import dsn_issues
 from .errors import ConfigError, Problem
 from .models import (
     ENV_NAME_PATTERN,
@@ -381,13 +381,6 @@ class _Load(PydanticErrors):
                     shown = REDACTED if issue.key in SECRET_KEYS else repr(issue.value)
                 self.add(dsn_path, issue.message, shown, at=dsn_path,
                          offset=issue.offset if exact else None)
-        for path, section in sections[1:]:  # the lists a pool ends up with
-            dsn_path = (*path, "dsn")
-            if not isinstance(section, dict) or not isinstance(section.get("dsn"), str) or \
-                    self.already_reported(dsn_path):
-                continue
-            for message in host_list_issues(section["dsn"], section):
-                self.add(dsn_path, message + self.origin_note(dsn_path), at=dsn_path)
 
     def merge(self, name: str, pool: Any, defaults: dict[str, Any]) -> Any:
         """The pool's settings over the defaults, with its password resolved."""

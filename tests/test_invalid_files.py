@@ -81,6 +81,7 @@ BEYOND_THE_SCHEMA = {
     "dsn_load_balance_hosts", "dsn_misspelled_keyword", "dsn_password_sql_quoting",
     "dsn_password_unterminated_quote", "dsn_password_with_space", "dsn_pool_keyword",
     "dsn_unknown_uri_parameter", "duplicate_key", "fallback_missing", "minconn_above_maxconn",
+    "hostaddr_without_host_ports",
     "missing_variable", "not_utf8", "password_leading_zero", "port_leading_zero",
     "tab_indentation", "two_passwords", "unterminated_quote", "uri_bad_percent_escape",
     "uri_raw_at_in_password", "uri_raw_slash_in_password",
