@@ -33,6 +33,7 @@ import datetime as dt
 import itertools
 import logging
 import math
+import os
 import re
 import threading
 import weakref
@@ -587,3 +588,19 @@ def shared_topology(pattern: str, port: str, clock: Clock = REAL_CLOCK) -> Clust
 def all_topologies() -> list[ClusterTopology]:
     with _topologies_lock:
         return list(_topologies.values())
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: a refresh running in the parent has no thread here; locks may have
+    been inherited held."""
+    global _topologies_lock
+    _topologies_lock = threading.Lock()
+    for topo in list(_topologies.values()):
+        topo._lock = threading.Lock()
+        topo._running_since = None
+        topo._guard = None
+        topo._generation += 1  # a late answer of the parent's worker cannot land here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,8 +1,10 @@
-"""Aurora end to end on a local cluster: writer failover under load, the writer guard, fast
-failure while the writer is gone, reader fallback, promoted replicas.
+"""The writer guard and failover on plain round-robin DNS (``discovery: dns``): writer failover
+under load, fast failure while the writer is gone, reader fallback, promoted replicas.
 
 Each test has its own cluster (``fresh_cluster``: primary 127.0.0.11, replicas .12 and .13) and
-DNS names with a 1 s TTL, like Aurora's endpoints (5 s there)."""
+names with one A record per server (TTL 1 s), as many round-robin DNS setups have. Aurora as it
+really is (rotating CNAMEs, a lagging writer endpoint, the topology) is in
+``test_aurora_topology.py``."""
 
 from __future__ import annotations
 
