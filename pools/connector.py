@@ -47,7 +47,7 @@ from .conninfo import (
     parse_targets,
     redact_params,
 )
-from .credentials import Credentials, PasswordProvider
+from .credentials import Credentials, PasswordProvider, fingerprint
 from .resolver import (
     Answer,
     DnsSettings,
@@ -194,6 +194,7 @@ class Connector:
         book: AddressBook | None = getattr(self, "book", None)
         if book is not None:
             book.clear_holds("auth")  # new credentials: the remembered refusals are moot
+        self._refused_fp: bytes | None = None  # the rotating password last refused
         self._base.pop("password", None)
         if password is not None:
             self.params["password"] = password
@@ -558,6 +559,14 @@ class Connector:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 and attempts:
                         break  # the budget is spent; at least one address was tried
+                rotating: str | None = None
+                if self.credentials.rotates:
+                    # a rotated password (file, provider) makes remembered auth refusals moot
+                    rotating = self.credentials.password_for(a.host, int(a.port), self._user())
+                    fp = fingerprint(rotating)
+                    if self._refused_fp is not None and fp != self._refused_fp:
+                        self.book.clear_holds("auth")
+                        self._refused_fp = None
                 hold = self.book.reserve(a, self.clock.monotonic())
                 if hold is not None:  # no login: the remembered error counts as the attempt
                     holds.append(hold)
@@ -568,7 +577,8 @@ class Connector:
                     last = psycopg2.OperationalError(hold.error)
                     continue
                 try:
-                    password = self.credentials.password_for(a.host, int(a.port), self._user())
+                    password = rotating if self.credentials.rotates else \
+                        self.credentials.password_for(a.host, int(a.port), self._user())
                 except BaseException:
                     self.book.unreserve(a)
                     raise
@@ -588,6 +598,8 @@ class Connector:
                 except psycopg2.OperationalError as exc:
                     last = exc
                     kind = classify(exc)
+                    if kind == "auth" and self.credentials.rotates:
+                        self._refused_fp = fingerprint(password)
                     if isinstance(exc, DeadlinePassed):
                         kind = "deadline"  # the caller's deadline: nothing about the address
                         pending.append(exc.pending)

@@ -15,6 +15,8 @@ might quote a secret, so only its type is shown and it is not chained).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib
 import logging
 import os
@@ -27,6 +29,7 @@ __all__ = [
     "Credentials",
     "PasswordProvider",
     "load_provider",
+    "fingerprint",
     "read_password_file",
     "MAX_PASSWORD_FILE_BYTES",
 ]
@@ -41,6 +44,18 @@ MAX_PASSWORD_FILE_BYTES = 64 * 1024
 
 PROVIDER_SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                            r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+# A key that lives as long as the process: fingerprints compare passwords without keeping them.
+_FINGERPRINT_KEY = os.urandom(32)
+
+
+def fingerprint(password: str | None) -> bytes | None:
+    """A keyed digest of a password (to tell whether it changed; reveals nothing)."""
+    if password is None:
+        return None
+    return hmac.new(_FINGERPRINT_KEY, password.encode("utf-8", "surrogatepass"),
+                    hashlib.sha256).digest()
 
 
 class CredentialError(Exception):
@@ -136,6 +151,11 @@ class Credentials:
             self.provider_name = (None if password_provider is None else
                                   getattr(password_provider, "__qualname__", None)
                                   or type(password_provider).__name__)
+
+    @property
+    def rotates(self) -> bool:
+        """Whether the password may change between connections (a file or a provider)."""
+        return self.provider is not None or self.password_file is not None
 
     @property
     def source(self) -> str | None:
