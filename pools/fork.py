@@ -9,6 +9,8 @@ Invariants:
 - The at-fork hook never logs: a logging stream's lock may have been inherited locked by a
   thread that was writing at the fork; ``stats()`` shows the fresh start instead.
 - The hook never raises: a pool that fails to reset must not break the fork.
+- The process's supervisor is reset before any pool (its thread and I/O workers do not exist
+  in the child; a pool's reset asks it for a fresh start).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import contextlib
 import os
 import weakref
 from typing import Any, Protocol
+
+from .supervisor import _reset_after_fork as _reset_supervisor
 
 __all__ = ["ForkAware", "detach", "register"]
 
@@ -48,6 +52,9 @@ def detach(conn: Any) -> None:
 
 
 def _after_fork_in_child() -> None:
+    # the process's supervisor first (its thread and workers are gone), then every pool
+    with contextlib.suppress(Exception):
+        _reset_supervisor()
     for obj in list(_live):
         with contextlib.suppress(Exception):  # never break a fork (and never log in it)
             obj._after_fork_in_child()

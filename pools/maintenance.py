@@ -1,18 +1,25 @@
 """Maintenance: what the supervisor does for one pool (prewarm, reaping, expiry, leak checks).
 
-``step(now)`` is one maintenance step, run by the supervisor: refresh DNS when due (and retire
-the addresses that left it), close what is due, check roles and leaks, then open at most one
-connection (toward ``minconn``, or to even the spread over addresses), and say when to run next.
-Callers never wait for it.
+``step(now)`` is one maintenance step, run by the supervisor: start a DNS refresh when due
+(the addresses that left it are retired when it lands), close what is due, check roles and
+leaks, then start at most one connect (toward ``minconn``, or to even the spread over
+addresses), and say when to run next. The step itself never blocks: the refresh, the connect
+and the closes it decides on run on the supervisor's I/O workers (``submit``), and each one
+asks for the next step when it lands. Callers never wait for it.
 
 Invariants:
 - Maintenance only closes IDLE entries, and takes them out of the idle queue (under the lock)
   before deciding (HikariCP's reserve-before-reap), so it never races a checkout; survivors go
   back in their reuse order, before anything returned meanwhile.
 - Reaping never takes the pool below ``minconn`` for idleness; expiry and a shrink may.
-- Prewarm opens one connection per step, never while a caller connects (it would only compete
-  with it; the caller's open completing asks for the next step), and backs off exponentially
-  (jittered) after a failure, up to ``reconnect_backoff_max``.
+- One connect at a time per pool (prewarm or a rebalancing move), never while a caller
+  connects (it would only compete with it; the caller's open completing asks for the next
+  step); a failed prewarm backs off exponentially (jittered), up to ``reconnect_backoff_max``.
+- One DNS refresh at a time per pool; while it runs its deadline is not the step's.
+- A deadline that a state change moves earlier is told to the supervisor by that change
+  (``deadline_moved``): a caller's connect growing the pool above ``minconn``, a checkout with
+  leak detection on, a new DNS answer. Lifetimes of checked-out connections are in the step's
+  next deadline too, so a return needs to tell nothing.
 - Leak warnings come once per checkout, with the stack that checked the connection out.
 - After a fork the parent's pool is not the child's to maintain (``pid``).
 """
@@ -65,6 +72,9 @@ class Maintenance:
         rng: random.Random,
         *,
         now: float,
+        submit: Callable[[str, Callable[[], None]], None],
+        wake: Callable[[], None],
+        wake_by: Callable[[float], None],
         idle_timeout: float | None,
         reap_idle_interval: float,
         leak_threshold: float | None,
@@ -77,6 +87,10 @@ class Maintenance:
         self.roles = roles
         self.connector = connector
         self.rng = rng
+        self.submit = submit  # blocking work, keyed by host, off the supervisor's thread
+        self.wake = wake  # a step as soon as possible
+        self.wake_by = wake_by  # a step by this deadline (cheap when it is not earlier)
+        self.refreshing = False  # a DNS refresh job is under way
         self.idle_timeout = idle_timeout
         self.reap_idle_interval = reap_idle_interval
         self.next_reap_at = now + reap_idle_interval if reap_idle_interval else math.inf
@@ -86,7 +100,24 @@ class Maintenance:
         self.backoff_s = 0.0
         self.backoff_until = 0.0
         self.pid = os.getpid()
-        opener.on_opened = self.reset_backoff
+        opener.on_opened = self._opened
+        opener.after_connect = self._after_connect
+
+    def _opened(self) -> None:
+        """A connection opened (any thread): the backoff is over; above ``minconn`` the reap
+        deadline may now be earlier than the step's."""
+        self.reset_backoff()
+        bag = self.bag
+        if self.reap_idle_interval and bag.size > bag.minconn:
+            self.wake_by(self.next_reap_at)
+
+    def _after_connect(self) -> None:
+        """After any connect attempt (any thread): addresses DNS stopped naming are retired,
+        and a new answer's refresh deadline is told to the supervisor."""
+        self.placement.retire_removed()
+        due = self.connector.refresh_due()
+        if due is not None:
+            self.wake_by(due)
 
     def reset_backoff(self) -> None:
         self.backoff_s = 0.0
@@ -106,8 +137,9 @@ class Maintenance:
         if os.getpid() != self.pid:  # forked: the parent's connections are not ours to touch
             return None
         due = self.connector.refresh_due()
-        if due is not None and now >= due:
-            self.connector.refresh(now)
+        if due is not None and now >= due and not self.refreshing:
+            self.refreshing = True
+            self.submit("dns " + self.connector.host_label, self._refresh)
         self.placement.retire_removed()  # members that left (DNS, the topology, set_members)
         reap_idle = bool(self.reap_idle_interval) and now >= self.next_reap_at
         if reap_idle:
@@ -117,30 +149,41 @@ class Maintenance:
         if self.roles is not None:
             self.roles.check(now)
         leak_due = self.check_leaks(now)
-        opened = self.maybe_prewarm(now)
-        busy = opened or self.placement.maybe_rebalance(now)
+        if not self.maybe_prewarm(now):
+            self.placement.maybe_rebalance(now)
 
         with bag.lock:
             if bag.closed:
                 return None
             nxt = now + RECHECK_INTERVAL_S
-            if busy:
-                nxt = now  # more to do: again, after whatever else is due
             if bag.size < bag.minconn and bag.opening == 0:
-                # (while a caller connects, its completion asks for the next step)
+                # (while a connect runs, its completion asks for the next step)
                 nxt = min(nxt, max(now, self.backoff_until))
-            for e in list(bag.idle):
-                if e.expires_at < nxt:
+            for e in list(bag.entries.values()):
+                # idle ones expire here; a checked-out one may come back before its expiry
+                if now < e.expires_at < nxt:
                     nxt = e.expires_at
+            if bag.idle and now >= min(e.expires_at for e in list(bag.idle)):
+                nxt = now  # (expired meanwhile: reaped at once)
             if self.reap_idle_interval and bag.size > bag.minconn:
                 nxt = min(nxt, self.next_reap_at)
             if self.roles is not None and bag.idle:
                 nxt = min(nxt, self.roles.next_check_at)
         due = self.connector.refresh_due()
-        if due is not None:
+        if due is not None and not self.refreshing:
             nxt = min(nxt, max(now, due))
         nxt = min(nxt, leak_due, self.placement.next_due(now))
         return nxt
+
+    def _refresh(self) -> None:
+        """The DNS refresh job (an I/O worker): refresh due names, retire addresses that left,
+        then ask for the next step."""
+        try:
+            self.connector.refresh(self.connector.clock.monotonic())
+            self.placement.retire_removed()
+        finally:
+            self.refreshing = False
+            self.wake()
 
     # -- reaping and expiry -----------------------------------------------------------------
 
@@ -182,8 +225,8 @@ class Maintenance:
     # -- prewarm ----------------------------------------------------------------------------
 
     def maybe_prewarm(self, now: float) -> bool:
-        """Open one connection if the pool is below ``minconn`` and not backing off, and no
-        caller is opening one right now."""
+        """Start one connect (on an I/O worker) if the pool is below ``minconn`` and not
+        backing off, and no connect is under way. Returns whether it started one."""
         bag = self.bag
         with bag.lock:
             need = (not bag.closed and bag.size < bag.minconn
@@ -195,6 +238,13 @@ class Maintenance:
                 bag.prewarming += 1
         if not need:
             return False
+        self.submit(self.connector.host_label, self._prewarm_one)
+        return True
+
+    def _prewarm_one(self) -> None:
+        """The prewarm job (an I/O worker): open one connection into the slot reserved, or
+        back off; then ask for the next step."""
+        bag = self.bag
         try:
             try:
                 e, conn = self.opener.open()
@@ -204,14 +254,16 @@ class Maintenance:
         except PoolError as exc:
             grown = max(self.backoff_initial, self.backoff_s * 2)
             self.backoff_s = min(self.backoff_max, grown)
+            now = self.connector.clock.monotonic()
             self.backoff_until = now + self.backoff_s * self.rng.uniform(0.9, 1.1)
             logger.warning(
                 "pool %s: prewarm failed, retrying in %.1f s: %s",
                 bag.name, self.backoff_s, exc,
             )
-            return False
-        bag.join(e, conn)
-        return True
+        else:
+            bag.join(e, conn)
+        finally:
+            self.wake()
 
     def prewarm_now(self, close: Callable[[], None]) -> None:
         """Open ``minconn`` connections in this thread (``background_prewarm=False``); the
@@ -244,6 +296,9 @@ class Maintenance:
         if e is not None:
             e.checkout_stack = "".join(traceback.format_stack(limit=16)[:-3])
             e.leak_warned = False
+            threshold = self.leak_threshold
+            if threshold:
+                self.wake_by(e.checked_out_at + threshold)
 
     def check_leaks(self, now: float) -> float:
         """Warn, once per checkout, about connections held longer than the threshold, with

@@ -9,7 +9,8 @@ Invariants:
 - Every address a connection comes from is the connector's choice (placement, bans, DNS);
   ``prefer`` only asks for one. A topology-based address source plugs in behind the connector.
 - ``close`` is the only place a pooled connection is closed. It runs outside the lock, counts
-  the reason, and asks for maintenance when the pool fell below ``minconn``.
+  the reason, and asks for maintenance when the pool fell below ``minconn``; the close itself
+  never runs on the supervisor's thread (``dispose``).
 - Every lifetime is jittered (``lifetime_jitter``), so connections of one burst do not expire
   together.
 """
@@ -17,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -56,6 +58,8 @@ class Opener:
     :param rng: jitters lifetimes.
     :param on_lost: the weakref callback of every entry (a checked-out connection collected).
     :param wake: asks the supervisor for a maintenance step of this pool (lock-free).
+    :param dispose: runs a close keyed by address (``Supervisor.run_io``: on an I/O worker
+        when called on the supervisor's thread, at once elsewhere).
     :param autocommit: set on every new connection unless None.
     :param configure: called with every new connection; it must leave no transaction open.
     """
@@ -70,6 +74,7 @@ class Opener:
         *,
         on_lost: Callable[[Any], None],
         wake: Callable[[], None],
+        dispose: Callable[[str, Callable[[], None]], None],
         autocommit: bool | None,
         configure: Callable[[Connection], None] | None,
         lifetime_timeout: float | None,
@@ -82,6 +87,7 @@ class Opener:
         self.rng = rng
         self.on_lost = on_lost
         self.wake = wake
+        self.dispose = dispose  # runs a close (off the supervisor's thread when on it)
         self.autocommit = autocommit
         self.configure = configure
         self.lifetime_timeout = lifetime_timeout
@@ -205,7 +211,7 @@ class Opener:
         log("pool %s: closing connection pid=%s to %s (%s)",
             self.name, e.backend_pid, e.address, reason)
         if conn is not None:
-            close_quietly(conn)
+            self.dispose(e.address, functools.partial(close_quietly, conn))
         if below_min:
             self.wake()
 

@@ -8,7 +8,8 @@ Invariants:
   before one on the most loaded closes (an idle one is reserved first, out of the idle queue,
   so no checkout takes it meanwhile; a busy one is doomed). At most ``rebalance_fraction`` of
   the pool moves per ``rebalance_interval``; a failed open puts the reserved one back.
-- Only maintenance rebalances (one thread); retiring may come from any thread.
+- Only maintenance decides a move (on the supervisor), one at a time; the move's connect and
+  close run on an I/O worker. Retiring may come from any thread.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Placement:
         connector: Connector,
         *,
         wake: Callable[[], None],
+        submit: Callable[[str, Callable[[], None]], None],
         rebalance_fraction: float,
         rebalance_interval: float,
     ) -> None:
@@ -62,6 +64,8 @@ class Placement:
         self.opener = opener
         self.connector = connector
         self.wake = wake
+        self.submit = submit  # blocking work, off the supervisor's thread
+        self.moving = False  # a move's connect is under way (one at a time)
         self.rebalance_fraction = rebalance_fraction
         self.rebalance_interval = rebalance_interval
         self.tick_end = 0.0
@@ -109,15 +113,16 @@ class Placement:
 
     def maybe_rebalance(self, now: float) -> bool:
         """Move one connection from the most to the least loaded healthy address when the
-        spread is uneven by more than one. Returns whether it did something."""
-        if self.connector.placement != "least_connections":
+        spread is uneven by more than one: the decision here, the connect and the close on an
+        I/O worker. Returns whether it started something."""
+        if self.moving or self.connector.placement != "least_connections":
             return False
         if now >= self.tick_end:
             self.tick_end = now + self.rebalance_interval
             self.moves_this_tick = 0
         bag = self.bag
         with bag.lock:
-            if bag.closed or not bag.entries:
+            if bag.closed or not bag.entries or bag.opening:
                 return False
             limit = max(1, math.ceil(self.rebalance_fraction * bag.size))
             if self.moves_this_tick >= limit:
@@ -157,20 +162,31 @@ class Placement:
                 return True  # at maxconn with nothing idle: the return makes room
         if victim_conn is not None:
             self.opener.close(victim, victim_conn, "rebalance")  # type: ignore[arg-type]
-        try:
-            e, conn = self.opener.open(prefer=lo)
-        except PoolError as exc:
-            logger.warning("pool %s: rebalancing toward %s failed: %s", bag.name, lo, exc)
-            if victim is not None and victim_conn is None:  # still good: back to idle
-                with bag.lock:
-                    bag.release_new_locked(victim, victim.conn)  # type: ignore[arg-type]
-            return False
-        bag.join(e, conn)
-        if victim is not None and victim_conn is None:
-            with bag.lock:
-                victim_conn = bag.forget_locked(victim)
-            self.opener.close(victim, victim_conn, "rebalance")
-        logger.debug("pool %s: moved a connection from %s to %s", bag.name, hi, e.address)
+            victim = None  # gone already
+        self.moving = True
+        self.submit(self.connector.host_label, lambda: self._move(victim, hi, lo))
         return True
 
-
+    def _move(self, victim: Entry | None, hi: str, lo: str) -> None:
+        """The move job (an I/O worker): open one connection on ``lo`` into the slot reserved,
+        then close the reserved ``victim`` (still RETURNING, out of the idle queue); if the
+        open fails, the victim goes back to idle. Then asks for the next step."""
+        bag = self.bag
+        try:
+            try:
+                e, conn = self.opener.open(prefer=lo)
+            except PoolError as exc:
+                logger.warning("pool %s: rebalancing toward %s failed: %s", bag.name, lo, exc)
+                if victim is not None:  # still good: back to idle
+                    with bag.lock:
+                        bag.release_new_locked(victim, victim.conn)  # type: ignore[arg-type]
+                return
+            bag.join(e, conn)
+            if victim is not None:
+                with bag.lock:
+                    victim_conn = bag.forget_locked(victim)
+                self.opener.close(victim, victim_conn, "rebalance")
+            logger.debug("pool %s: moved a connection from %s to %s", bag.name, hi, e.address)
+        finally:
+            self.moving = False
+            self.wake()

@@ -279,17 +279,21 @@ class ConnectionPool:
             self.name, self._supervisor, self._clock, ban=self._ban_timed_out,
             label_of=self._label_of, ping_timeout=ping_timeout, query_timeout=query_timeout,
         )
+        sup = self._supervisor
+
+        def wake_by(deadline: float) -> None:
+            sup.request_by(task, deadline)
+
         self._opener = Opener(
             bag, self._connector, self._watchdog, self._clock, self._rng, on_lost=on_lost,
-            wake=wake, autocommit=autocommit, configure=configure,
+            wake=wake, dispose=sup.run_io, autocommit=autocommit, configure=configure,
             lifetime_timeout=lifetime_timeout, lifetime_jitter=lifetime_jitter,
         )
         self._opener.server_role = server_role
         self._placement = Placement(
-            bag, self._opener, self._connector, wake=wake,
+            bag, self._opener, self._connector, wake=wake, submit=sup.submit_io,
             rebalance_fraction=rebalance_fraction, rebalance_interval=rebalance_interval,
         )
-        self._opener.after_connect = self._placement.retire_removed
         self._roles = RoleGuard(
             role, bag, self._connector, self._clock, retire=self._placement.retire, wake=wake,
             check_interval=role_check_interval,
@@ -299,7 +303,8 @@ class ConnectionPool:
                                   bounded=self._watchdog.bounded)
         self._maintenance = Maintenance(
             bag, self._opener, self._placement, self._roles if role != "any" else None,
-            self._connector, self._rng, now=self._clock.monotonic(), idle_timeout=idle_timeout,
+            self._connector, self._rng, now=self._clock.monotonic(), submit=sup.submit_io,
+            wake=wake, wake_by=wake_by, idle_timeout=idle_timeout,
             reap_idle_interval=reap_idle_interval, leak_threshold=self._leak_threshold,
             backoff_initial=reconnect_backoff, backoff_max=reconnect_backoff_max,
         )

@@ -6,6 +6,18 @@ logged and tried again later; nothing a task does can stop the scheduler.
 
 ``request(task)`` asks for a task to run as soon as possible. It takes no lock (it only puts on
 a ``queue.SimpleQueue``), so it is safe from weakref callbacks, ``__del__`` and signal handlers.
+``request_by(task, deadline)`` does the same only when ``deadline`` is earlier than the task's
+current one (one comparison when it is not): the cheap way for a state change that moves a
+deadline earlier to tell the scheduler.
+
+Invariants:
+- The heap holds O(live tasks) entries: a task at deadline ``inf`` is not on it at all, and
+  entries left behind by a cancel or by a deadline moved earlier (lazy deletion) are compacted
+  away once they are more than half of the heap.
+- A cancelled task drops its callable at once, so whatever it referenced (a pool, a registry)
+  is freed even before its heap entry is.
+- The thread never sleeps past the earliest deadline: a deadline added earlier than the one it
+  sleeps toward wakes it.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -25,12 +38,18 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_ERROR_S = 5.0
 MAX_SLEEP_S = 60.0
+COMPACT_MIN_STALE = 32  # compact only heaps with at least this many stale entries
+
+
+def _cancelled(now: float) -> float | None:
+    return None
 
 
 class Task:
-    """A named callable on the schedule. ``due`` is its current deadline (None: not scheduled)."""
+    """A named callable on the schedule. ``due`` is its current deadline (None: not scheduled;
+    ``inf``: scheduled for nothing until requested)."""
 
-    __slots__ = ("name", "fn", "due", "cancelled")
+    __slots__ = ("name", "fn", "due", "cancelled", "__weakref__")
 
     def __init__(self, name: str, fn: Callable[[float], float | None]) -> None:
         self.name = name
@@ -46,9 +65,11 @@ class Scheduler:
     def __init__(self, clock: Clock = REAL_CLOCK) -> None:
         self.clock = clock
         self._heap: list[tuple[float, int, Task]] = []
+        self._stale = 0  # heap entries of cancelled tasks or of deadlines moved earlier
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self._sleeping_until = -math.inf  # the deadline the thread sleeps toward (a hint)
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -64,17 +85,43 @@ class Scheduler:
             # Only ever move a deadline earlier here; a later one is set by the task's own result.
             if task.due is not None and task.due <= due:
                 return
+            if task.due is not None and task.due != math.inf:
+                self._stale += 1  # its old entry stays behind
             task.due = due
+            if due == math.inf:
+                return  # nothing to run: off the heap until requested
             heapq.heappush(self._heap, (due, next(self._seq), task))
+            self._maybe_compact_locked()
 
     def cancel(self, task: Task) -> None:
         with self._lock:
+            if task.cancelled:
+                return
+            if task.due is not None and task.due != math.inf:
+                self._stale += 1
             task.cancelled = True
             task.due = None
+            task.fn = _cancelled  # drop what it referenced
+            self._maybe_compact_locked()
+
+    def _maybe_compact_locked(self) -> None:
+        stale = self._stale
+        if stale >= COMPACT_MIN_STALE and stale * 2 > len(self._heap):
+            self._heap = [x for x in self._heap if not x[2].cancelled and x[2].due == x[0]]
+            heapq.heapify(self._heap)
+            self._stale = 0
 
     def request(self, task: Task | None = None) -> None:
         """Run ``task`` as soon as possible (or just wake the loop). Lock-free, reentrant."""
         self._requests.put(task)
+
+    def request_by(self, task: Task, deadline: float) -> None:
+        """Run ``task`` by ``deadline`` (wakes the loop only if that is earlier than the task's
+        current deadline). Lock-free; a hint, never late: a task that is running (``due``
+        None) is asked again."""
+        due = task.due
+        if due is None or deadline < due:
+            self._requests.put(task)
 
     def _drain_requests(self) -> None:
         now = self.clock.monotonic()
@@ -92,9 +139,15 @@ class Scheduler:
                 due, _, task = self._heap[0]
                 if task.cancelled or task.due != due:
                     heapq.heappop(self._heap)  # stale: moved or cancelled
+                    self._stale = max(0, self._stale - 1)
                     continue
                 return due
             return None
+
+    def heap_size(self) -> int:
+        """Entries on the heap, stale ones included (O(live tasks), see the invariants)."""
+        with self._lock:
+            return len(self._heap)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -109,6 +162,7 @@ class Scheduler:
             while self._heap and self._heap[0][0] <= now:
                 due, _, task = heapq.heappop(self._heap)
                 if task.cancelled or task.due != due:
+                    self._stale = max(0, self._stale - 1)
                     continue
                 task.due = None
                 due_tasks.append(task)
@@ -123,10 +177,14 @@ class Scheduler:
             logger.exception("task %s failed; retrying in %.0f s", task.name, RETRY_AFTER_ERROR_S)
             nxt = now + RETRY_AFTER_ERROR_S
         if nxt is None:
-            with self._lock:
-                task.cancelled = True
+            self.cancel(task)
             return
         self._schedule(task, nxt)
+
+    def wake_for(self, deadline: float) -> None:
+        """A deadline was added: wake the thread if it sleeps past it (lock-free)."""
+        if deadline < self._sleeping_until:
+            self._requests.put(None)
 
     def wait(self, timeout_s: float | None) -> None:
         """Block until a request arrives or ``timeout_s`` passes (the thread's idle wait)."""
@@ -145,6 +203,12 @@ class Scheduler:
                 now = self.clock.monotonic()
                 timeout = MAX_SLEEP_S if nxt is None else min(MAX_SLEEP_S, max(0.0, nxt - now))
                 if timeout > 0:
-                    self.wait(timeout)
+                    self._sleeping_until = now + timeout
+                    # a deadline added between next_deadline() and here saw the old value:
+                    # look once more before sleeping
+                    nxt2 = self.next_deadline()
+                    if nxt2 is None or nxt2 >= self._sleeping_until:
+                        self.wait(timeout)
+                    self._sleeping_until = -math.inf
             except Exception:  # pragma: no cover - the loop must never die
                 logger.exception("scheduler loop error")

@@ -1,16 +1,23 @@
-"""The one background thread of the process.
+"""The one background thread of the process, which keeps time and nothing else.
 
 Every pool (standalone or built by a registry) registers with the process's supervisor, which
 keeps one schedule of deadlines over all of them: prewarm to minconn, reap idle connections,
-expire lifetimes, and whatever else a pool or the registry schedules. Pools are held weakly: a
-pool that is closed or garbage-collected leaves the schedule.
+expire lifetimes, DNS refreshes, leak checks, the watchdog's deadlines, and whatever else a pool
+or the registry schedules. Pools are held weakly (and a task made of a bound method holds its
+object weakly): a pool or registry that is closed or garbage-collected leaves the schedule.
+
+The thread never does blocking I/O: the blocking work a task decides on (connects, DNS
+queries, closes) goes to ``submit_io``, short-lived I/O worker threads bounded per host and in
+total (see workers.py); the watchdog's deadlines, which only shut a socket down, stay here. A
+hanging host therefore delays nothing but its own pool's work.
 
 Tests build their own ``Supervisor(clock=FakeClock(), start=False)`` and step it with
-``run_due()``; nothing runs behind their back.
+``run_due()``; its I/O runs inline in the stepping thread, so nothing runs behind their back.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -20,6 +27,7 @@ from typing import Protocol
 
 from .clock import REAL_CLOCK, Clock
 from .sched import Scheduler, Task
+from .workers import Inline, IORunner, IOWorkers
 
 __all__ = ["Supervisor", "get_supervisor", "Maintained"]
 
@@ -35,9 +43,13 @@ class Maintained(Protocol):
 
 
 class Supervisor:
-    def __init__(self, clock: Clock = REAL_CLOCK, *, start: bool = True) -> None:
+    def __init__(
+        self, clock: Clock = REAL_CLOCK, *, start: bool = True, io: IORunner | None = None
+    ) -> None:
         self.clock = clock
         self.scheduler = Scheduler(clock)
+        # blocking work: worker threads with a thread of our own, inline when stepped by tests
+        self.io: IORunner = io if io is not None else (IOWorkers() if start else Inline())
         self._autostart = start
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -64,9 +76,39 @@ class Supervisor:
     def add_task(
         self, name: str, fn: Callable[[float], float | None], due: float | None = None
     ) -> Task:
+        """Schedule ``fn(now)`` (see sched.Task). A bound method is held weakly: when its
+        object is garbage-collected, the task leaves the schedule."""
+        if inspect.ismethod(fn):
+            ref = weakref.WeakMethod(fn)
+
+            def run(now: float) -> float | None:
+                method = ref()
+                return None if method is None else method(now)
+
+            fn = run
         task = self.scheduler.add(Task(name, fn), due)
         self._maybe_start()
         return task
+
+    def submit_io(self, key: str, fn: Callable[[], None]) -> None:
+        """Run blocking work (a connect, a DNS query, a close) off the supervisor's thread, on
+        an I/O worker bounded per ``key`` (the host it talks to) and in total; inline on a
+        steppable supervisor. The one place a task hands I/O away."""
+        self.io.submit(key, fn)
+
+    def run_io(self, key: str, fn: Callable[[], None]) -> None:
+        """Blocking work that may be reached from any thread (a close): submitted to the I/O
+        workers when called on the supervisor's thread, run at once anywhere else."""
+        thread = self._thread
+        if thread is not None and thread is threading.current_thread():
+            self.io.submit(key, fn)
+        else:
+            fn()
+
+    def request_by(self, task: Task, deadline: float) -> None:
+        """Run ``task`` by ``deadline``: wakes the thread only if that is earlier than the
+        task's current deadline. Lock-free (see Scheduler.request_by)."""
+        self.scheduler.request_by(task, deadline)
 
     def watch(self, deadline: float, fn: Callable[[], None]) -> Task:
         """Call ``fn`` at ``deadline`` (on the supervisor's clock) unless the task is cancelled
@@ -77,7 +119,7 @@ class Supervisor:
             return None
 
         task = self.scheduler.add(Task("watchdog", run), deadline)
-        self.scheduler.request(None)
+        self.scheduler.wake_for(deadline)
         self._maybe_start()
         return task
 
@@ -145,6 +187,8 @@ class Supervisor:
         self._stop = threading.Event()
         self._pid = os.getpid()
         self.scheduler._lock = threading.Lock()
+        if isinstance(self.io, IOWorkers):
+            self.io._after_fork_in_child()
 
 
 _process_supervisor: Supervisor | None = None
@@ -164,11 +208,9 @@ def get_supervisor() -> Supervisor:
 
 
 def _reset_after_fork() -> None:
+    """In a forked child (called first by fork.py's hook, before any pool resets): the
+    parent's supervisor thread and I/O workers do not exist here."""
     global _process_lock
     _process_lock = threading.Lock()
     if _process_supervisor is not None:
         _process_supervisor._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -23,6 +23,7 @@ from pgregistry.pools import (
     PoolError,
     PoolTimeout,
     PoolTooManyWaiters,
+    workers,
 )
 
 SECRET = "Sentinel-Pa55word-do-not-leak"
@@ -786,12 +787,20 @@ def test_password_never_shown(make_pool, pg_server, caplog, dead_port):
 
 
 def test_one_supervisor_thread_for_ten_pools(pg_server):
-    before = {t.ident for t in threading.enumerate() if t.name != "pgregistry-supervisor"}
+    # one timekeeper; the connects it decides run on I/O workers, at most PER_KEY for one host,
+    # which exit when idle
+    before = {t.ident for t in threading.enumerate()
+              if t.name not in ("pgregistry-supervisor", "pgregistry-io")}
     pools = [ConnectionPool(1, 2, dsn=pg_server.dsn(), name=f"ten-{i}") for i in range(10)]
     try:
         assert wait_until(lambda: all(p.stats()["size"] == 1 for p in pools))
         new = [t.name for t in threading.enumerate() if t.ident not in before]
-        assert new == ["pgregistry-supervisor"]
+        assert new.count("pgregistry-supervisor") == 1
+        assert set(new) <= {"pgregistry-supervisor", "pgregistry-io"}
+        assert new.count("pgregistry-io") <= workers.PER_KEY  # one host: two at most
+        assert wait_until(lambda: not any(t.name == "pgregistry-io"
+                                          for t in threading.enumerate()),
+                          timeout=workers.IDLE_S + 5)
     finally:
         for p in pools:
             p.close()
