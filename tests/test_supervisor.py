@@ -140,6 +140,23 @@ def test_a_checked_out_connections_lifetime_is_in_the_next_deadline(make_pool, s
     pool.putconn(conn)
 
 
+def test_a_new_dns_answer_asks_for_its_refresh(make_pool, pg_server, dns_server, stepped):
+    name = "moving.supervisor.test"
+    dns_server.set_a(name, [pg_server.host], ttl=30)
+    pool = make_pool(minconn=0, maxconn=2, dsn=f"host={name} port={pg_server.port} "
+                     "user=postgres dbname=postgres",
+                     dns={"nameservers": ["127.0.0.1"], "port": dns_server.port,
+                          "lifetime": 1.0, "timeout": 0.5})
+    stepped.run_until_idle()  # nothing resolved yet: the 60 s recheck
+    now = stepped.clock.monotonic()
+    assert pool._task.due is not None and pool._task.due >= now + 59
+    pool.putconn(pool.getconn())  # the caller's connect resolves the name: a TTL of 30 s
+    stepped.run_until_idle()
+    refresh_at = pool._connector.refresh_due()
+    assert refresh_at is not None and refresh_at <= now + 30
+    assert pool._task.due is not None and pool._task.due <= refresh_at  # told, not 60 s late
+
+
 # -- I/O workers ------------------------------------------------------------------------------
 
 
