@@ -161,6 +161,7 @@ class Connector:
                                 rng=rng)
         self._removed: list[str] = []
         self._wake: Callable[[], None] | None = None
+        self._submit_io: Callable[[str, Callable[[], None]], None] | None = None
         self._unresolved: set[tuple[str, str]] = set()
         self._last_forced = -1e9
         for t in self.targets:  # addresses that need no lookup are known from the start
@@ -322,9 +323,14 @@ class Connector:
             return conn
         raise last or ConnectionError(f"{host}: no address")
 
+    def set_io(self, submit: Callable[[str, Callable[[], None]], None]) -> None:
+        """Where the topology query runs: the supervisor's I/O workers (``submit_io``)."""
+        self._submit_io = submit
+
     def _maybe_refresh_topology(self, now: float) -> None:
         if self.topology is not None:
-            self.topology.maybe_refresh(now, self._probe, [t.host for t in self.targets])
+            self.topology.maybe_refresh(now, self._probe, [t.host for t in self.targets],
+                                        submit=self._submit_io)
 
     # -- addresses --------------------------------------------------------------------------
 

@@ -268,6 +268,7 @@ class ConnectionPool:
 
         self._wake = wake
         self._connector.set_wake(wake)  # a new topology (pools/topology.py): look again now
+        self._connector.set_io(self._supervisor.submit_io)  # where its query runs
 
         orphans = bag.orphans
 

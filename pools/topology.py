@@ -19,12 +19,12 @@ as it really is"):
 Invariants: one :class:`ClusterTopology` per (instance host pattern, port) in the process;
 it never blocks a checkout (readers of :attr:`ClusterTopology.snapshot` get the last good one,
 or None); at most one refresh of a topology runs at a time, never on the supervisor thread
-(:meth:`ClusterTopology.maybe_refresh` hands it to a short-lived worker thread that ends with
-it); a refresh that outlives :attr:`ClusterTopology.refresh_budget_s` is abandoned: the socket
-of its query is shut down (the watchdog's way: a frozen instance cannot keep the worker), its
-late result is dropped, and the next one may start. While a writer is being hunted (after a writer
-pool saw its writer go) the topology is refreshed every :data:`FAILOVER_REFRESH_S` until it
-names another writer.
+(:meth:`ClusterTopology.maybe_refresh` hands it to the supervisor's I/O workers, or to a
+thread of its own that ends with it); a refresh that outlives
+:attr:`ClusterTopology.refresh_budget_s` is abandoned: the socket of its query is shut down
+(the watchdog's way: a frozen instance cannot keep a worker), its late result is dropped, and
+the next one may start. While a writer is being hunted (after a writer pool saw its writer go)
+the topology is refreshed every :data:`FAILOVER_REFRESH_S` until it names another writer.
 """
 
 from __future__ import annotations
@@ -248,6 +248,8 @@ def fetch_topology(conn: psycopg2.extensions.connection) -> tuple[list[tuple[Any
 
 #: ``probe(host) -> connection``: open a connection to one host (resolved as the pool resolves).
 Probe = Callable[[str], psycopg2.extensions.connection]
+#: ``submit(key, job)``: run ``job`` off the supervisor's thread (``Supervisor.submit_io``).
+Submit = Callable[[str, Callable[[], None]], None]
 
 
 @dataclass
@@ -378,11 +380,13 @@ class ClusterTopology:
 
     # -- refreshing ----------------------------------------------------------------------------
 
-    def maybe_refresh(self, now: float, probe: Probe, seeds: Sequence[str]) -> bool:
-        """Start a refresh in a worker thread if one is due and none is running (or the one
-        running is past its budget). ``probe`` opens a connection to a host; ``seeds`` are
-        hosts to try after the known instances (the cluster's endpoints). Returns whether a
-        refresh was started."""
+    def maybe_refresh(self, now: float, probe: Probe, seeds: Sequence[str],
+                      submit: Submit | None = None) -> bool:
+        """Start a refresh if one is due and none is running (or the one running is past its
+        budget): on ``submit`` (the supervisor's I/O workers, ``Supervisor.submit_io``), else
+        on a thread of its own that ends with it. ``probe`` opens a connection to a host;
+        ``seeds`` are hosts to try after the known instances (the cluster's endpoints). Returns
+        whether a refresh was started."""
         with self._lock:
             running = self._running_since is not None
             if running and now < self._running_since + self.refresh_budget_s:  # type: ignore[operator]
@@ -399,6 +403,9 @@ class ClusterTopology:
             hosts = self._sources(seeds)
         if running and stuck is not None:
             stuck.expire()  # its blocked read returns at once; the worker ends
+        if submit is not None:
+            submit(f"topology {self.key}", lambda: self._refresh(generation, probe, hosts))
+            return True
         worker = threading.Thread(
             target=self._refresh, args=(generation, probe, hosts),
             name=f"pgregistry-topology-{self.pattern.split('.', 2)[1][:20]}", daemon=True,

@@ -87,6 +87,8 @@ def test_readers_spread_over_every_reader_at_once(aurora_cluster, make_registry)
     assert s["discovery"] == "aurora" and s["members_from"] == "topology"
     topo = s["topology"]
     assert topo["state"] == "ok" and topo["source"] in {x.name for x in aurora_cluster.servers}
+    # the query ran on the supervisor's I/O workers: no thread of the topology's own
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("pgregistry-topo")]
     roles = {iid: i["role"] for iid, i in topo["instances"].items()}
     assert roles == {aurora_cluster.primary.name: "writer",
                      **{r.name: "reader" for r in aurora_cluster.replicas}}
