@@ -311,6 +311,8 @@ def _parse_uri(dsn: str) -> list[DsnParam]:
         while pos <= end:
             amp = dsn.find("&", pos)
             stop = end if amp < 0 else amp
+            if stop == pos and stop < end:  # an empty parameter (only a last '&' is allowed)
+                raise DsnError("an empty query parameter in the URI ('&&' or '?&')", pos)
             if stop > pos:
                 number += 1
                 eq = dsn.find("=", pos, stop)
