@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from collections.abc import Iterable
 from typing import Any, Protocol
 
+from .entry import CLOSED, Entry
 from .supervisor import _reset_after_fork as _reset_supervisor
 
-__all__ = ["ForkAware", "detach", "register"]
+__all__ = ["ForkAware", "detach", "forget_inherited", "register"]
 
 
 class ForkAware(Protocol):
@@ -49,6 +51,17 @@ def detach(conn: Any) -> None:
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+def forget_inherited(entries: Iterable[Entry]) -> None:
+    """Inherited entries leave without a close: each connection detached, the entry closed."""
+    for e in entries:
+        conn = e.conn if e.conn is not None else (e.wref() if e.wref is not None else None)
+        if conn is not None:
+            detach(conn)
+        e.state = CLOSED
+        e.wref = None
+        e.conn = None
 
 
 def _after_fork_in_child() -> None:

@@ -25,17 +25,17 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping
-from types import TracebackType
 from typing import Any
 
 import psycopg2.extensions as ext
 
 from .addresses import DEFAULT_MEMBERSHIP_WINDOW_S, check_membership_window
 from .bag import Bag
+from .checkout import Checkout
 from .clock import REAL_CLOCK, Clock, RealClock
 from .connector import Connector
-from .entry import CLOSED, Entry
-from .fork import detach
+from .entry import Entry
+from .fork import forget_inherited
 from .fork import register as _register_for_fork
 from .lag import LagMonitor
 from .listener import Dedicated, Listener
@@ -44,8 +44,16 @@ from .opening import Opener, close_quietly
 from .placement import Placement
 from .resolver import DnsSettings, HostResolver
 from .returning import RECYCLE_MODES, Restorer
-from .roles import READ_ONLY_SQLSTATE, ROLES, RoleGuard, server_role
-from .stats import WAIT_BUCKETS_S, address_stats, dns_stats
+from .roles import READ_ONLY_SQLSTATE, RoleGuard, server_role
+from .settings import (
+    LIVE_SETTINGS,
+    Setting,
+    check_arguments,
+    check_non_negative,
+    check_reuse,
+    check_sizes,
+)
+from .stats import WAIT_BUCKETS_S, address_stats, books_stats_locked, dns_stats
 from .supervisor import Supervisor, get_supervisor
 from .timing import TimingListener, Timings
 from .watchdog import Watchdog
@@ -58,50 +66,6 @@ logger = logging.getLogger(__name__)
 Connection = ext.connection
 
 _pool_counter = iter(range(1, 1 << 62))
-
-
-class _Setting:
-    """A live setting of the pool, kept by the part that uses it (``part``.``attr``)."""
-
-    def __init__(self, part: str, attr: str) -> None:
-        self.part = part
-        self.attr = attr
-
-    def __get__(self, obj: object, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        return getattr(getattr(obj, self.part), self.attr)
-
-    def __set__(self, obj: object, value: Any) -> None:
-        setattr(getattr(obj, self.part), self.attr, value)
-
-
-class _Checkout:
-    """``with pool.conn() as conn``: returns the connection on exit (rolled back if a
-    transaction is open; discarded if the exception broke it)."""
-
-    __slots__ = ("_pool", "_timeout", "_conn")
-
-    def __init__(self, pool: ConnectionPool, timeout: float | None) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._conn: Connection | None = None
-
-    def __enter__(self) -> Connection:
-        self._conn = conn = self._pool.getconn(self._timeout)
-        return conn
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            if exc is not None and getattr(exc, "pgcode", None) == READ_ONLY_SQLSTATE:
-                self._pool.report_read_only(conn)
-            self._pool.putconn(conn)
 
 
 class ConnectionPool:
@@ -157,18 +121,18 @@ class ConnectionPool:
 
 
     # Live settings kept by the parts that use them (retune() sets them by name).
-    timeout = _Setting("_bag", "timeout")
-    max_waiting = _Setting("_bag", "max_waiting")
-    idle_timeout = _Setting("_maintenance", "idle_timeout")
-    reconnect_backoff = _Setting("_maintenance", "backoff_initial")
-    reconnect_backoff_max = _Setting("_maintenance", "backoff_max")
-    lifetime_timeout = _Setting("_opener", "lifetime_timeout")
-    lifetime_jitter = _Setting("_opener", "lifetime_jitter")
-    rebalance_fraction = _Setting("_placement", "rebalance_fraction")
-    rebalance_interval = _Setting("_placement", "rebalance_interval")
-    role_check_interval = _Setting("_roles", "check_interval")
-    ping_timeout = _Setting("_watchdog", "ping_timeout")
-    dns_membership_window = _Setting("_connector", "membership_window")
+    timeout = Setting("_bag", "timeout")
+    max_waiting = Setting("_bag", "max_waiting")
+    idle_timeout = Setting("_maintenance", "idle_timeout")
+    reconnect_backoff = Setting("_maintenance", "backoff_initial")
+    reconnect_backoff_max = Setting("_maintenance", "backoff_max")
+    lifetime_timeout = Setting("_opener", "lifetime_timeout")
+    lifetime_jitter = Setting("_opener", "lifetime_jitter")
+    rebalance_fraction = Setting("_placement", "rebalance_fraction")
+    rebalance_interval = Setting("_placement", "rebalance_interval")
+    role_check_interval = Setting("_roles", "check_interval")
+    ping_timeout = Setting("_watchdog", "ping_timeout")
+    dns_membership_window = Setting("_connector", "membership_window")
 
     def __init__(
         self,
@@ -215,28 +179,16 @@ class ConnectionPool:
         topology_refresh_interval: float = 30.0,
         **connect_kwargs: Any,
     ) -> None:
-        _check_sizes(minconn, maxconn)
-        _check_non_negative(
-            timeout=timeout,
-            idle_timeout=idle_timeout,
-            reap_idle_interval=reap_idle_interval,
-            lifetime_timeout=lifetime_timeout,
-            validation_bypass=validation_bypass,
-            reconnect_backoff=reconnect_backoff,
+        check_arguments(
+            minconn=minconn, maxconn=maxconn, timeout=timeout, idle_timeout=idle_timeout,
+            reap_idle_interval=reap_idle_interval, lifetime_timeout=lifetime_timeout,
+            validation_bypass=validation_bypass, reconnect_backoff=reconnect_backoff,
+            lifetime_jitter=lifetime_jitter, reuse=reuse, max_waiting=max_waiting, role=role,
+            rebalance_fraction=rebalance_fraction,
         )
-        if not 0 <= lifetime_jitter < 1:
-            raise ValueError(f"lifetime_jitter must be in [0, 1), got {lifetime_jitter!r}")
-        if reuse not in ("fifo", "lifo"):
-            raise ValueError(f"reuse must be 'fifo' or 'lifo', got {reuse!r}")
-        if max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {max_waiting!r}")
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if role == "writer" and connect_kwargs.get("target_session_attrs") in (None, "any"):
             # a writer pool connects only where writes are accepted
             connect_kwargs["target_session_attrs"] = "read-write"
-        if not 0 < rebalance_fraction <= 1:
-            raise ValueError(f"rebalance_fraction must be in (0, 1], got {rebalance_fraction!r}")
 
         self.name = name or f"pool-{next(_pool_counter)}"
         self._clock = clock or (supervisor.clock if supervisor else REAL_CLOCK)
@@ -483,9 +435,9 @@ class ConnectionPool:
     def reap_idle_interval(self, value: float) -> None:
         self._maintenance.set_reap_idle_interval(value, self._clock.monotonic())
 
-    def conn(self, timeout: float | None = None) -> _Checkout:
+    def conn(self, timeout: float | None = None) -> Checkout:
         """``with pool.conn() as conn:`` check out a connection and give it back on exit."""
-        return _Checkout(self, timeout)
+        return Checkout(self, timeout)
 
     def getconn(self, timeout: float | None = None) -> Connection:
         """Check out a connection: an idle one, else a new one below ``maxconn``, else wait up
@@ -530,15 +482,7 @@ class ConnectionPool:
         return self._connector.all_banned(self._clock.monotonic())
 
     # Settings a running pool takes in place; everything else is connection identity.
-    LIVE_SETTINGS = frozenset({
-        "minconn", "maxconn", "idle_timeout", "reap_idle_interval", "lifetime_timeout",
-        "lifetime_jitter", "test_on_borrow", "background_prewarm", "timeout", "max_waiting",
-        "reuse", "validation_bypass", "reconnect_backoff", "reconnect_backoff_max", "placement",
-        "address_ban", "address_ban_max", "rebalance_fraction", "rebalance_interval",
-        "role_check_interval", "leak_detection_threshold", "ping_timeout", "recycle",
-        "dns_membership_window",
-        "max_replica_lag",
-    })
+    LIVE_SETTINGS = LIVE_SETTINGS
 
     def retune(self, **settings: Any) -> None:
         """Apply settings in place (sizes, timeouts, reuse order, placement, bans...). A new
@@ -549,7 +493,7 @@ class ConnectionPool:
             raise ValueError(f"cannot change {sorted(unknown)} on a running pool")
         maxconn = settings.pop("maxconn", self.maxconn)
         minconn = settings.pop("minconn", self.minconn)
-        _check_non_negative(**{k: v for k, v in settings.items()
+        check_non_negative(**{k: v for k, v in settings.items()
                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
         book = self._connector.book
         if "placement" in settings:
@@ -559,8 +503,7 @@ class ConnectionPool:
                           settings.pop("address_ban_max", book.ban_max))
         if "reuse" in settings:
             reuse = settings.pop("reuse")
-            if reuse not in ("fifo", "lifo"):
-                raise ValueError(f"reuse must be 'fifo' or 'lifo', got {reuse!r}")
+            check_reuse(reuse)
             self._bag.set_reuse(reuse == "fifo")
         settings.pop("background_prewarm", None)  # only meaningful at start
         recycle = settings.pop("recycle", self.recycle)
@@ -613,7 +556,7 @@ class ConnectionPool:
         sizes ``ConnectionPool`` would refuse."""
         bag = self._bag
         new_min = bag.minconn if minconn is None else minconn
-        _check_sizes(new_min, maxconn)
+        check_sizes(new_min, maxconn)
         with bag.lock:
             bag.maxconn = maxconn
             bag.minconn = new_min
@@ -662,18 +605,7 @@ class ConnectionPool:
             if bag.orphans:
                 bag.collect_orphans_locked()
             now = self._clock.monotonic()
-            out: dict[str, Any] = {
-                "name": self.name,
-                "minconn": bag.minconn,
-                "maxconn": bag.maxconn,
-                "size": bag.size,
-                "idle": len(bag.idle),
-                "in_use": len(bag.out),
-                "opening": bag.opening,
-                "waiting": len(bag.waiters),
-                "closed": bag.closed,
-            }
-            out.update(bag.counters.snapshot(bag.checkouts_locked()))
+            out = books_stats_locked(bag)
             out.update({
                 "placement": self._connector.placement,
                 "role": self._role,
@@ -714,13 +646,7 @@ class ConnectionPool:
     def _after_fork_in_child(self) -> None:
         """In a child process: forget every inherited connection without closing it (see
         fork.py), and start afresh; the supervisor prewarms anew. Never logs."""
-        for e in self._bag.reset_after_fork():
-            conn = e.conn if e.conn is not None else (e.wref() if e.wref is not None else None)
-            if conn is not None:
-                detach(conn)
-            e.state = CLOSED
-            e.wref = None
-            e.conn = None
+        forget_inherited(self._bag.reset_after_fork())
         self._maintenance.reset_backoff()
         self._maintenance.pid = self._pid = os.getpid()
         self._connector.after_fork()
@@ -728,19 +654,3 @@ class ConnectionPool:
             self._supervisor.request(self._task)
             self._supervisor.start_if_needed()
 
-
-def _check_sizes(minconn: int, maxconn: int | float) -> None:
-    if not isinstance(minconn, int) or isinstance(minconn, bool) or minconn < 0:
-        raise ValueError(f"minconn must be an integer >= 0, got {minconn!r}")
-    if not (maxconn == math.inf or (isinstance(maxconn, int) and not isinstance(maxconn, bool))):
-        raise ValueError(f"maxconn must be an integer >= 1 (or inf), got {maxconn!r}")
-    if maxconn < 1:
-        raise ValueError(f"maxconn must be >= 1, got {maxconn!r}")
-    if minconn > maxconn:
-        raise ValueError(f"minconn ({minconn}) must not exceed maxconn ({maxconn})")
-
-
-def _check_non_negative(**values: float | None) -> None:
-    for key, value in values.items():
-        if value is not None and value < 0:
-            raise ValueError(f"{key} must be >= 0, got {value!r}")

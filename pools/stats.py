@@ -21,6 +21,7 @@ from .entry import IDLE, IN_USE, RETURNING, Entry
 from .errors import PoolClosed, PoolTimeout, PoolTooManyWaiters
 
 if TYPE_CHECKING:
+    from .bag import Bag
     from .connector import Connector
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "CREATE_BUCKETS_S",
     "Counters",
     "address_stats",
+    "books_stats_locked",
     "dns_stats",
     "closed_error",
     "summarise_error",
@@ -206,4 +208,21 @@ def dns_stats(connector: Connector, now: float) -> dict[str, dict[str, Any]]:
         row["members"] = sources.get(dns_source(name, ports[name]), [])
         row["membership_window_s"] = window
         out[name] = row
+    return out
+
+
+def books_stats_locked(bag: Bag) -> dict[str, Any]:
+    """The books' part of ``ConnectionPool.stats()``: sizes and counters (under the lock)."""
+    out: dict[str, Any] = {
+        "name": bag.name,
+        "minconn": bag.minconn,
+        "maxconn": bag.maxconn,
+        "size": bag.size,
+        "idle": len(bag.idle),
+        "in_use": len(bag.out),
+        "opening": bag.opening,
+        "waiting": len(bag.waiters),
+        "closed": bag.closed,
+    }
+    out.update(bag.counters.snapshot(bag.checkouts_locked()))
     return out
