@@ -49,7 +49,10 @@ opening), ``pgregistry.address.active``, ``pgregistry.address.banned``,
 (``dns.question.name``): ``pgregistry.dns.addresses``, ``pgregistry.dns.members``,
 ``pgregistry.dns.ttl`` (s), ``pgregistry.dns.stale``, ``pgregistry.dns.queries``,
 ``pgregistry.dns.refresh_failures``, ``pgregistry.dns.stale_served``,
-``pgregistry.dns.answer_changes``; for a registry (``pgregistry.registry.path``, its YAML
+``pgregistry.dns.answer_changes``; per Aurora topology (``pgregistry.topology.cluster``, the
+instance host pattern): ``pgregistry.topology.instances`` (by ``pgregistry.role``),
+``pgregistry.topology.available``, ``pgregistry.topology.refreshes``,
+``pgregistry.topology.refresh_failures``; for a registry (``pgregistry.registry.path``, its YAML
 file): ``pgregistry.registry.generation``, ``pgregistry.registry.reloads``,
 ``pgregistry.registry.reload_errors``. No error text and no secret is ever an attribute.
 
@@ -195,6 +198,16 @@ class OtelInstrumentation:
              "Refreshes whose addresses differed from the last."),
         ):
             counter(name, [self._cb(self._dns_key(key))], unit, text)
+        updown("pgregistry.topology.instances", [self._cb(self._topology_instances)],
+               "{instance}", "Instances of the Aurora cluster's topology by role.")
+        updown("pgregistry.topology.available", [self._cb(self._topology_available)], "1",
+               "1 while the topology can be read (else the pool uses DNS discovery).")
+        for key, name, text in (
+            ("refreshes", "pgregistry.topology.refreshes", "Topology refreshes."),
+            ("refresh_failures", "pgregistry.topology.refresh_failures",
+             "Topology refreshes that failed."),
+        ):
+            counter(name, [self._cb(self._topology_key(key))], "{refresh}", text)
         updown("pgregistry.registry.generation", [self._cb(self._registry_key("generation"))],
                "1", "The configuration generation in use.")
         counter("pgregistry.registry.reloads", [self._cb(self._registry_key("reloads"))],
@@ -346,6 +359,37 @@ class OtelInstrumentation:
         def rows(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
             for attrs, d in self._names(pools):
                 v = _number(d.get(key))
+                if v is not None:
+                    yield Observation(v, attrs)
+        return rows
+
+    @staticmethod
+    def _topologies(pools: dict[str, Mapping[str, Any]],
+                    ) -> Iterable[tuple[dict[str, Any], Mapping[str, Any]]]:
+        for name, s in pools.items():
+            t = s.get("topology")
+            if isinstance(t, Mapping):
+                cluster = str(t.get("instance_host_pattern"))
+                yield {POOL_NAME: name, "pgregistry.topology.cluster": cluster}, t
+
+    def _topology_instances(self, pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+        for attrs, t in self._topologies(pools):
+            instances = t.get("instances")
+            if isinstance(instances, Mapping):
+                roles = [i.get("role") for i in instances.values() if isinstance(i, Mapping)]
+                for role in ("writer", "reader"):
+                    yield Observation(roles.count(role), {**attrs, "pgregistry.role": role})
+
+    def _topology_available(self, pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+        for attrs, t in self._topologies(pools):
+            state = t.get("state")
+            if state is not None:
+                yield Observation(int(state != "unavailable"), attrs)
+
+    def _topology_key(self, key: str) -> Callable[..., Rows]:
+        def rows(pools: dict[str, Mapping[str, Any]], _: Any) -> Rows:
+            for attrs, t in self._topologies(pools):
+                v = _number(t.get(key))
                 if v is not None:
                     yield Observation(v, attrs)
         return rows

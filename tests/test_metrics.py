@@ -716,3 +716,31 @@ def test_a_closed_registry_or_dropped_pool_leaves_the_scrape(pg_cluster, tmp_pat
     gc.collect()
     assert ref() is None
     assert "pgregistry_" not in scrape(app)[1]
+
+
+def test_otel_from_hand_made_stats(otel_reader):
+    """The pgregistry.* figures a cluster here does not produce: an Aurora topology, free text."""
+    from pgregistry.otel import instrument_pools
+
+    reader, provider = otel_reader
+    topo = StatsOf(hand_made("aurora", topology={
+        "state": "hunting_writer", "instance_host_pattern": "?.cluster.test",
+        "instances": {"a": {"role": "writer"}, "b": {"role": "reader"},
+                      "c": {"role": "reader"}},
+        "refreshes": 12, "refresh_failures": 3, "last_error": f"boom {SENTINEL_PASSWORD}"}))
+    inst = instrument_pools(topo, meter_provider=provider, histograms=False)
+    read = OtelRead(reader)
+    where = {POOL_NAME: "aurora", "pgregistry.topology.cluster": "?.cluster.test"}
+    assert read.point("pgregistry.topology.instances", **where, **{
+        "pgregistry.role": "reader"}).value == 2
+    assert read.point("pgregistry.topology.available", **where).value == 1
+    assert read.point("pgregistry.topology.refresh_failures", **where).value == 3
+    assert read.point("pgregistry.address.banned", **{
+        POOL_NAME: "aurora", "network.peer.address": "127.0.0.13",
+        "network.peer.port": 5432}).value == 1
+    assert read.point("pgregistry.pool.connection.closed", **{
+        POOL_NAME: "aurora", "pgregistry.close.reason": "brand_new_reason"}).value == 1
+    for m in read.metrics.values():
+        for p in m.data.data_points:
+            assert SENTINEL_PASSWORD not in repr(dict(p.attributes))
+    inst.uninstrument()
