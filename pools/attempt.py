@@ -3,18 +3,21 @@
 :func:`classify` reads a refused connect in PostgreSQL's own words (libpq gives a connect
 failure as text only: psycopg2 has no SQLSTATE for it). :func:`bounded_connect` opens one
 connection within a caller's deadline: libpq's ``connect_timeout`` counts whole seconds (0.05 s
-becomes 1 s), so when the deadline is closer than ``connect_timeout`` the connect runs on a
-short-lived thread of its own and the caller waits for it only until its deadline; a
+becomes 1 s), so a deadline closer than ``connect_timeout`` is given to libpq in the whole
+seconds that end before it, and under one second the connect runs on a worker thread (reused,
+see ``_Workers``) and the caller waits for it only until its deadline; a
 connection that arrives later is closed by that thread, and :class:`PendingConnect` says when
 its socket is gone (so a pool can keep the slot counted until then: ``maxconn`` holds for
-sockets). libpq's own timeout, the deadline rounded up, still ends the thread soon after.
+sockets). libpq's own timeout (1 s) still ends the worker's connect soon after.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable
 from typing import Any
 
@@ -113,13 +116,17 @@ class DeadlinePassed(psycopg2.OperationalError):
 
 
 class PendingConnect:
-    """A connect on a thread of its own (see the module's docstring)."""
+    """A connect on a worker thread of its own (see the module's docstring). The caller waits
+    on a bare lock (a ``threading.Event`` is not safe against an interrupt landing inside its
+    wait); the worker releases it once, when the connect is over."""
 
     def __init__(self, kwargs: dict[str, Any], factory_kwargs: dict[str, Any]) -> None:
         self._kwargs = kwargs
         self._factory_kwargs = factory_kwargs
         self._lock = threading.Lock()
-        self._done = threading.Event()
+        self._signal = _allocate_lock()
+        self._signal.acquire()  # released once by the worker
+        self._done = False
         self._conn: Connection | None = None
         self._error: BaseException | None = None
         self._abandoned = False
@@ -127,7 +134,7 @@ class PendingConnect:
         self._callbacks: list[Callable[[], None]] = []
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="pgregistry-connect", daemon=True).start()
+        _WORKERS.run(self._run)
 
     def _run(self) -> None:
         conn: Connection | None = None
@@ -137,6 +144,7 @@ class PendingConnect:
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             error = exc
         with self._lock:
+            self._done = True
             abandoned = self._abandoned
             if not abandoned:
                 self._conn, self._error = conn, error
@@ -144,13 +152,13 @@ class PendingConnect:
             if conn is not None:
                 _close_quietly(conn)
             self._settle()
-        self._done.set()
+        self._signal.release()
 
     def wait(self, timeout_s: float) -> Connection | None:
         """The connection, or None when ``timeout_s`` passed first (the connect is then given
         up). Raises what the connect raised. An interrupt while waiting gives it up too."""
         try:
-            finished = self._done.wait(max(0.0, timeout_s))
+            finished = self._signal.acquire(True, max(0.0, timeout_s))
         except BaseException:
             self.abandon()
             raise
@@ -170,7 +178,7 @@ class PendingConnect:
         with self._lock:
             self._abandoned = True
             conn, self._conn = self._conn, None
-            finished = self._done.is_set()
+            finished = self._done
         if finished:
             if conn is not None:
                 _close_quietly(conn)
@@ -200,6 +208,76 @@ class PendingConnect:
         fn()
 
 
+class _Worker:
+    """A daemon thread that runs the jobs it is given, one at a time; it leaves after
+    ``IDLE_EXIT_S`` without one."""
+
+    IDLE_EXIT_S = 30.0
+
+    def __init__(self, owner: _Workers) -> None:
+        self.owner = owner
+        self.job: Callable[[], None] | None = None
+        self.signal = _allocate_lock()
+        self.signal.acquire()
+        self.thread = threading.Thread(target=self._loop, name="pgregistry-connect",
+                                       daemon=True)
+
+    def give(self, job: Callable[[], None]) -> None:
+        self.job = job
+        self.signal.release()
+
+    def _loop(self) -> None:
+        while True:
+            if not self.signal.acquire(True, self.IDLE_EXIT_S):
+                if self.owner.retire(self):
+                    return
+                self.signal.acquire()  # a job was given meanwhile
+            job, self.job = self.job, None
+            if job is not None:
+                try:
+                    job()
+                except Exception:  # noqa: BLE001 - a worker never dies of a job
+                    logger.exception("a connect worker's job failed")
+            self.owner.idle(self)
+
+
+class _Workers:
+    """The connect workers of the process: reused, so a caller's bounded connect starts no
+    thread once one is warm."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._pid = os.getpid()
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's threads are not here
+                self._idle, self._pid = [], os.getpid()
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            worker = _Worker(self)
+            worker.give(job)
+            worker.thread.start()
+        else:
+            worker.give(job)
+
+    def idle(self, worker: _Worker) -> None:
+        with self._lock:
+            self._idle.append(worker)
+
+    def retire(self, worker: _Worker) -> bool:
+        """An idle worker wants to leave: True if it may (no job was given to it)."""
+        with self._lock:
+            if worker in self._idle:
+                self._idle.remove(worker)
+                return True
+            return False
+
+
+_WORKERS = _Workers()
+
+
 def bounded_connect(kwargs: dict[str, Any], factory_kwargs: dict[str, Any],
                     connect_timeout_s: int, remaining_s: float | None) -> Connection:
     """``psycopg2.connect(**kwargs)`` within ``connect_timeout_s`` (whole seconds, 0: none)
@@ -209,7 +287,10 @@ def bounded_connect(kwargs: dict[str, Any], factory_kwargs: dict[str, Any],
         if connect_timeout_s:
             kwargs["connect_timeout"] = str(connect_timeout_s)
         return psycopg2.connect(**kwargs, **factory_kwargs)  # type: ignore[no-any-return]
-    kwargs["connect_timeout"] = str(max(1, math.ceil(remaining_s)))
+    if remaining_s >= 1:  # whole seconds that end before the deadline: libpq keeps them
+        kwargs["connect_timeout"] = str(math.floor(remaining_s))
+        return psycopg2.connect(**kwargs, **factory_kwargs)  # type: ignore[no-any-return]
+    kwargs["connect_timeout"] = "1"
     job = PendingConnect(kwargs, factory_kwargs)
     job.start()
     conn = job.wait(remaining_s)

@@ -26,10 +26,22 @@ The books (under ``lock``): ``size`` = ``len(entries)`` + ``opening`` and never 
 or in the hands of one thread (being opened, vetted, returned or closed, state RETURNING);
 ``entries`` holds every open connection by ``id``, whose weak reference frees the slot of a
 checked-out connection that was garbage-collected (``orphans``).
+
+Interrupts (KeyboardInterrupt, SystemExit, any ``BaseException``) leave the books exact:
+whatever this thread owns when one lands (a popped entry, a reserved slot (:class:`Slot`), a
+waiter's handoff, a returned connection being cleaned) is given back, or discarded when its
+state is unknown (a ping, a rollback or a close cut short), and the interrupt propagates. The
+pool's lock is only ever taken with ``with`` (an asynchronous exception cannot land between
+acquiring it and the block that releases it), and the counting that must not be torn runs in
+plain attribute arithmetic, where CPython delivers no asynchronous exception.
+
+One deadline per call: a checkout's ``timeout`` is fixed when it starts and bounds its wait,
+every ping and its connect together; its errors say how long the caller waited.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -46,7 +58,7 @@ from .errors import BadConnectionError, PoolError, PoolTimeout
 from .stats import Counters, closed_error, timeout_error
 from .timing import Timings
 
-__all__ = ["Bag", "Waiter"]
+__all__ = ["Bag", "Slot", "Waiter"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +82,18 @@ class Waiter:
 
     def wake(self) -> None:
         self.signal.release()
+
+
+class Slot:
+    """A slot counted in ``size`` for a connect under way, owned by one thread until the
+    connect succeeds (``entry``: the connection entered the books) or fails (the slot freed).
+    ``reserved`` turns false exactly once, under the lock, in plain attribute arithmetic."""
+
+    __slots__ = ("reserved", "entry")
+
+    def __init__(self) -> None:
+        self.reserved = True
+        self.entry: Entry | None = None
 
 
 def _no_vet(e: Entry, conn: Connection, budget_s: float | None) -> bool:
@@ -119,6 +143,9 @@ class Bag:
         # by the weakref callback (which may run inside any code, even under the lock).
         self.orphans: deque[Any] = deque()
         self.counters = Counters()
+        # until when (time.monotonic()) the server refused connects for capacity: meanwhile a
+        # checkout waits for a connection the pool holds rather than open one
+        self.capacity_until = 0.0
         # settings of the hot path (set by the pool)
         self.ping_after = math.inf  # validation_bypass if test_on_borrow, else inf
         self.return_hooks = False  # every return takes the slow path (reset, role check)
@@ -130,7 +157,9 @@ class Bag:
         # timing listeners (metrics); None when there are none. Set, they send every checkout
         # and return through the slow paths (the pool sets always_slow and return_hooks).
         self.timings: Timings | None = None
-        self.open_for_caller: Callable[[float | None], Connection]
+        self.open_for_caller: Callable[[float | None, Slot], Connection]
+        # a broken connection to an address: its older idle ones are pinged before reuse
+        self.suspect_older: bool = True
         self.restore: Callable[[Entry, Connection, int], str | None]
         self.close_conn: Callable[[Entry, Connection | None, str], None]
         self.forgotten: Callable[[Entry], None]  # an entry left the books (under the lock)
@@ -147,15 +176,19 @@ class Bag:
             e = None  # (leave the except block: errors raised later must not chain to it)
         if e is None:
             return self.getconn_slow(timeout, None)
-        now = self.now()
-        if now < e.fresh_until:
-            conn = e.conn
-            e.conn = None
-            e.state = IN_USE
-            e.checked_out_at = now
-            e.uses += 1
-            self.out.add(e)
-            return conn  # type: ignore[return-value]
+        try:
+            now = self.now()
+            if now < e.fresh_until:
+                conn = e.conn
+                e.conn = None
+                e.state = IN_USE
+                e.checked_out_at = now
+                e.uses += 1
+                self.out.add(e)
+                return conn  # type: ignore[return-value]
+        except BaseException:  # interrupted: the popped entry goes back
+            self.recover(e, mine=True, reusable=True)
+            raise
         return self.getconn_slow(timeout, e)
 
     def putconn(self, conn: Connection, close: bool = False) -> None:
@@ -170,34 +203,75 @@ class Bag:
                 pool=self.name,
             ) from None
         try:
-            status = conn.get_transaction_status()
-        except psycopg2.InterfaceError:  # closed, by the user or by a broken link
-            status = -1
-        now = self.now()
-        if (status or close or self.return_hooks or now >= e.expires_at
-                or self.size > self.cap):
-            timings = self.timings
-            if timings is None:
-                self._putconn_slow(e, conn, close, status)
-            else:
-                used_s = now - e.checked_out_at
-                try:
+            try:
+                status = conn.get_transaction_status()
+            except psycopg2.InterfaceError:  # closed, by the user or by a broken link
+                status = -1
+            now = self.now()
+            if (status or close or self.return_hooks or now >= e.expires_at
+                    or self.size > self.cap or self.setup_changed(e, conn)):
+                timings = self.timings
+                if timings is None:
                     self._putconn_slow(e, conn, close, status)
-                finally:  # after the books are done with it
-                    timings.used(used_s)
-            return
-        # The hot path takes no lock: publish the entry to the idle queue (atomic append),
-        # then look for waiters or a close that may have come meanwhile.
-        e.last_used_at = now
-        fresh = now + self.ping_after
-        e.fresh_until = fresh if fresh < e.expires_at else e.expires_at
-        if e.doom_reason is not None:  # doomed while returning: never fresh (see doom)
-            e.fresh_until = -math.inf
-        e.conn = conn
-        e.state = IDLE
-        self.idle.append(e)
-        if self.waiters or self.closed:
-            self._after_publish()
+                else:
+                    used_s = now - e.checked_out_at
+                    try:
+                        self._putconn_slow(e, conn, close, status)
+                    finally:  # after the books are done with it
+                        timings.used(used_s)
+                return
+            # The hot path takes no lock: publish the entry to the idle queue (atomic
+            # append), then look for waiters or a close that may have come meanwhile.
+            e.last_used_at = now
+            fresh = now + self.ping_after
+            e.fresh_until = fresh if fresh < e.expires_at else e.expires_at
+            if e.doom_reason is not None:  # doomed while returning: never fresh (see doom)
+                e.fresh_until = -math.inf
+            e.conn = conn
+            e.state = IDLE
+            self.idle.append(e)
+            if self.waiters or self.closed:
+                self._after_publish()
+        except BaseException:  # interrupted: discarded, unless it was published already
+            self.recover(e, mine=False, reusable=False, conn=conn)
+            raise
+
+    @staticmethod
+    def setup_changed(e: Entry, conn: Connection) -> bool:
+        """Whether the borrower changed a client-side attribute the pool set up (autocommit,
+        read-only, isolation level, deferrable, cursor factory)."""
+        setup = e.setup
+        return setup is not None and setup != (
+            conn.autocommit, conn.readonly, conn.isolation_level, conn.deferrable,
+            conn.cursor_factory)
+
+    def recover(self, e: Entry, *, mine: bool, reusable: bool,
+                conn: Connection | None = None) -> None:
+        """An interrupt landed while this thread owned ``e``: put it back in the books as
+        idle (``reusable``: nothing was done on it) or discard it (its state is unknown).
+        ``mine``: an entry in the checked-out set is this thread's (a checkout under way);
+        else it is someone else's (a waiter got it) and is left alone."""
+        if conn is None:
+            conn = e.conn if e.conn is not None else (e.wref() if e.wref is not None else None)
+        close = False
+        with self.lock:
+            if e.state == CLOSED or self.entries.get(e.key) is not e:
+                close = True  # out of the books already; its close may have been cut short
+            elif (e in self.out and not mine) or (e.state == IDLE and e in self.idle):
+                return
+            else:
+                self.out.discard(e)
+                if reusable and conn is not None and not conn.closed and not self.closed:
+                    self.release_new_locked(e, conn)
+                    return
+                self.forget_locked(e)
+                self.counters.closed("interrupted")
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        if not close:
+            logger.debug("pool %s: interrupted: connection pid=%s discarded", self.name,
+                         e.backend_pid)
 
     # -- checkout, the slow path ------------------------------------------------------------
 
@@ -205,80 +279,132 @@ class Bag:
         timings = self.timings
         t0 = time.monotonic() if timings is not None else 0.0
         conn = self._getconn_slow_body(timeout, popped)
-        hook = self.on_slow_checkout
-        if hook is not None:
-            hook(conn)
-        if timings is not None:
-            try:
+        try:
+            hook = self.on_slow_checkout
+            if hook is not None:
+                hook(conn)
+            if timings is not None:
                 timings.waited(time.monotonic() - t0)
-            except BaseException:  # interrupted: the caller never gets it, so it goes back
-                self.putconn(conn)
-                raise
+        except BaseException:  # interrupted: the caller never gets it, so it goes back
+            e = self.entries.get(id(conn))
+            if e is not None:
+                self.recover(e, mine=True, reusable=True)
+            raise
         return conn
 
     def _getconn_slow_body(self, timeout: float | None, popped: Entry | None) -> Connection:
+        budget = self.timeout if timeout is None else timeout
+        t0 = time.monotonic()
+        deadline = t0 + budget if budget > 0 else None  # one deadline for the whole call
         if popped is not None:
-            conn = self.checkout_popped(popped, timeout)
+            conn = self.checkout_popped(popped, deadline)
             if conn is not None:
                 return conn
         while True:
-            lock = self.lock
-            with lock:
+            w: Waiter | None = None
+            e = None
+            slot = Slot()
+            with self.lock:
                 if self.orphans:
                     self.collect_orphans_locked()
                 if self.closed:
                     raise closed_error(self.name)
-                e = None
                 if self.idle and not self.waiters:
                     e = self.take_or_none()
                     if e is None:  # taken by a lock-free checkout meanwhile
                         continue
-                elif self.size < self.maxconn and (
-                        len(self.waiters) >= self.prewarming or not self._may_wait(timeout)):
+                elif self.size < self.maxconn and not self.capacity_held() and (
+                        len(self.waiters) >= self.prewarming or budget <= 0):
                     self.size += 1
                     self.opening += 1
                 else:
-                    # at maxconn, behind other waiters, or a prewarm connect is under way
-                    # (take it when it lands rather than race it for the same CPU and server)
-                    conn = self._wait_locked(timeout)
-                    if conn is not None:
-                        return conn
-                    # else: a permit to open a connection (slot already counted)
+                    # at maxconn, behind other waiters, a prewarm connect is under way (take it
+                    # when it lands rather than race it for the same CPU and server), or the
+                    # server is out of slots: wait for a connection the pool holds
+                    slot.reserved = False
+                    w = self._enqueue_locked(budget, t0)
+            if w is not None:
+                conn = self._await(w, deadline, budget, t0)
+                if conn is not None:
+                    return conn
+                slot.reserved = True  # a permit: a slot already counted for us
             if e is None:
-                budget = self.timeout if timeout is None else timeout
-                return self.open_for_caller(time.monotonic() + budget if budget > 0 else None)
-            conn = self.checkout_popped(e, timeout)
+                try:
+                    return self.open_for_caller(deadline, slot)
+                except BaseException as exc:
+                    self._open_interrupted(slot, exc)
+                    if not isinstance(exc, PoolError) or deadline is None:
+                        raise
+                    if self._may_wait_for_capacity(exc, deadline):
+                        continue  # wait, within the deadline, for a connection the pool holds
+                    waited = time.monotonic() - t0
+                    if getattr(exc, "deadline_only", False):  # the deadline, nothing else
+                        with self.lock:
+                            self.counters.timeouts += 1
+                            err = self.timeout_error_locked(waited, budget)
+                        raise err from exc
+                    exc.args = (f"{exc.args[0] if exc.args else exc}; the caller waited "
+                                f"{waited:.3f} s of its {budget:g} s timeout",)
+                    raise
+            conn = self.checkout_popped(e, deadline)
             if conn is not None:
                 return conn
+            if deadline is not None and time.monotonic() >= deadline:
+                with self.lock:  # every idle connection it tried was unfit, and time is up
+                    self.counters.timeouts += 1
+                    raise self.timeout_error_locked(time.monotonic() - t0, budget)
 
-    def checkout_popped(self, e: Entry, timeout: float | None = None) -> Connection | None:
-        """An entry taken from the idle queue: closed if expired, else checked out, pinged if
-        it has not been used for a while, role-checked on writer/reader pools. Returns the
-        connection, or None if it was not fit to hand out."""
-        now = self.now()
-        conn = e.conn
-        assert conn is not None
-        if now >= e.expires_at:
+    def _open_interrupted(self, slot: Slot, exc: BaseException) -> None:
+        """A caller's connect ended in an exception: its slot is free again (if the opener
+        did not free it), and a connection it had already entered goes back."""
+        if slot.reserved:
             with self.lock:
-                self.forget_locked(e)
-            self.close_conn(e, conn, e.doom_reason or "lifetime")
-            return None
-        e.conn = None
-        e.state = IN_USE
-        e.checked_out_at = now
-        e.uses += 1
-        self.out.add(e)
-        if e.needs_ping or now - e.last_used_at >= self.ping_after:
-            e.needs_ping = False
-            budget = self.timeout if timeout is None else timeout
-            if not self.ping(e, conn, budget if budget > 0 else None):
-                self.discard(e, conn, "validation")
+                self.open_failed_locked(exc, slot)
+        elif slot.entry is not None and not isinstance(exc, Exception):
+            self.recover(slot.entry, mine=True, reusable=True)
+
+    def capacity_held(self) -> bool:
+        """The server refused a connect for capacity lately (see ``capacity_until``): new
+        connects wait for a connection the pool holds instead, while it holds one."""
+        return self.capacity_until > time.monotonic() and len(self.entries) > 0
+
+    def _may_wait_for_capacity(self, exc: BaseException, deadline: float) -> bool:
+        cause = getattr(exc, "capacity", False)
+        return bool(cause) and time.monotonic() < deadline and len(self.entries) > 0
+
+    def checkout_popped(self, e: Entry, deadline: float | None = None) -> Connection | None:
+        """An entry taken from the idle queue: closed if expired, else checked out, pinged if
+        it has not been used for a while (within what is left of ``deadline``), role-checked
+        on writer/reader pools. Returns the connection, or None if it was not fit to hand
+        out."""
+        try:
+            now = self.now()
+            conn = e.conn
+            assert conn is not None
+            if now >= e.expires_at:
+                with self.lock:
+                    self.forget_locked(e)
+                self.close_conn(e, conn, e.doom_reason or "lifetime")
                 return None
-        role_changed = self.role_changed
-        if role_changed is not None and role_changed(e, conn):
-            self.discard(e, conn, e.doom_reason or "role_change")
-            return None
-        return conn
+            e.conn = None
+            e.state = IN_USE
+            e.checked_out_at = now
+            e.uses += 1
+            self.out.add(e)
+            if e.needs_ping or now - e.last_used_at >= self.ping_after:
+                e.needs_ping = False
+                budget = None if deadline is None else max(0.001, deadline - time.monotonic())
+                if not self.ping(e, conn, budget):
+                    self.discard(e, conn, "validation")
+                    return None
+            role_changed = self.role_changed
+            if role_changed is not None and role_changed(e, conn):
+                self.discard(e, conn, e.doom_reason or "role_change")
+                return None
+            return conn
+        except BaseException:  # interrupted mid-ping (or close): its state is unknown
+            self.recover(e, mine=True, reusable=False)
+            raise
 
     def admit_checked_out(self, e: Entry, conn: Connection) -> Connection:
         """A connection a caller opened becomes its checkout (or is closed if the pool closed
@@ -289,11 +415,11 @@ class Bag:
                 closed = True
             else:
                 closed = False
+                self.out.add(e)  # first: from here an interrupt's recovery sees it as ours
                 e.state = IN_USE
                 e.conn = None  # checked out: the pool keeps only the weak reference
                 e.checked_out_at = e.created_at
                 e.uses += 1
-                self.out.add(e)
         if closed:
             self.close_conn(e, conn, "pool_closed")
             raise closed_error(self.name)
@@ -323,7 +449,18 @@ class Bag:
                 return
             e.state = RETURNING
             self.forget_locked(e)
+            if reason == "broken" and self.suspect_older:
+                self._suspect_older_locked(e)
         self.close_conn(e, conn, reason)
+
+    def _suspect_older_locked(self, broken: Entry) -> None:
+        """A connection to an address turned out broken (a server restart, a network cut):
+        the idle ones to that address (all opened before this was known) are pinged before
+        their next use."""
+        for e in self.idle:
+            if e.address == broken.address:
+                e.needs_ping = True
+                e.fresh_until = -math.inf
 
     def _after_publish(self) -> None:
         """After a lock-free return: serve waiters from the idle queue, or, if the pool closed
@@ -386,59 +523,62 @@ class Bag:
         except IndexError:
             return None
 
-    def _wait_locked(self, timeout: float | None) -> Connection | None:
-        """Wait (holding ``lock`` on entry and exit) for a handoff. Returns the connection, or
-        None with a permit to open one; raises on timeout."""
-        if timeout is None:
-            timeout = self.timeout
-        if timeout <= 0:
+    def _enqueue_locked(self, budget: float, t0: float) -> Waiter:
+        """Join the waiters' queue (or raise at once: no wait allowed, or too many waiting)."""
+        if budget <= 0:
             self.counters.timeouts += 1
-            raise self.timeout_error_locked(0.0, timeout)
+            raise self.timeout_error_locked(0.0, budget)
         if self.max_waiting and len(self.waiters) >= self.max_waiting:
             self.counters.timeouts += 1
-            raise self.timeout_error_locked(0.0, timeout, too_many=True)
+            raise self.timeout_error_locked(0.0, budget, too_many=True)
         w = Waiter()
         self.waiters.append(w)
         # a lock-free return may have published just before we queued: serve the queue
         if self.idle:
             self.dispatch_locked()
-        t0 = time.monotonic()
-        deadline = t0 + timeout
-        lock = self.lock
+        return w
+
+    def _await(self, w: Waiter, deadline: float | None, budget: float,
+               t0: float) -> Connection | None:
+        """Wait, without the lock, until ``deadline`` for a handoff to ``w``. Returns the
+        connection, or None with a permit to open one; raises on timeout. An interrupt while
+        waiting gives back whatever was handed over."""
         try:
-            while w.conn is None and not w.permit and w.error is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                lock.release()
-                try:
-                    w.signal.acquire(True, remaining)
-                finally:
-                    lock.acquire()
+            remaining = (deadline or t0) - time.monotonic()
+            if remaining > 0:
+                w.signal.acquire(True, remaining)  # released once, by whoever serves us
         except BaseException:
-            # Interrupted (KeyboardInterrupt, ...): whatever was handed over goes back.
-            self._abandon_wait_locked(w)
+            with self.lock:
+                self._abandon_wait_locked(w)
             raise
-        waited = time.monotonic() - t0
-        self.counters.waited(waited)
-        if w.error is not None:
-            raise w.error
-        if w.conn is not None or w.permit:
-            return w.conn
-        # Timed out with nothing handed over: leave the queue (nothing can be handed to us
-        # any more, since handoffs happen under the lock we hold).
-        self.waiters.remove(w)
-        self.counters.timeouts += 1
-        raise self.timeout_error_locked(waited, timeout)
+        with self.lock:
+            try:
+                waited = time.monotonic() - t0
+                self.counters.waited(waited)
+                if w.error is not None:
+                    raise w.error
+                if w.conn is not None or w.permit:
+                    return w.conn
+                # Timed out with nothing handed over: leave the queue (nothing can be handed
+                # to us any more, since handoffs happen under the lock we hold).
+                self.waiters.remove(w)
+                self.counters.timeouts += 1
+                raise self.timeout_error_locked(waited, budget)
+            except BaseException:
+                self._abandon_wait_locked(w)
+                raise
 
     def _abandon_wait_locked(self, w: Waiter) -> None:
-        if w.conn is not None:
-            e = self.entries.get(id(w.conn))
+        """A waiter leaves (interrupted): what was handed to it goes back, once."""
+        conn, w.conn = w.conn, None
+        permit, w.permit = w.permit, False
+        if conn is not None:
+            e = self.entries.get(id(conn))
             if e is not None and e in self.out:
                 self.out.discard(e)
                 e.uses -= 1  # it never reached its caller
-                self.release_new_locked(e, w.conn)
-        elif w.permit:
+                self.release_new_locked(e, conn)
+        elif permit:
             self.size -= 1
             self.opening -= 1
             self.grant_permits_locked()
@@ -467,8 +607,9 @@ class Bag:
         w.wake()
 
     def grant_permits_locked(self) -> None:
-        """Free slots go to the oldest waiters, as permits to open a connection."""
-        while self.waiters and self.size < self.maxconn:
+        """Free slots go to the oldest waiters, as permits to open a connection (not while
+        the server is out of slots and the pool holds connections to wait for)."""
+        while self.waiters and self.size < self.maxconn and not self.capacity_held():
             w = self.waiters.popleft()
             self.size += 1
             self.opening += 1
@@ -492,21 +633,31 @@ class Bag:
         self.opening += 1
         return True
 
-    def admit_locked(self, e: Entry) -> None:
+    def admit_locked(self, e: Entry, slot: Slot | None = None) -> None:
         """A connection opened for a reserved slot enters the books (owned by its opener, state
         RETURNING, until it is checked out or released)."""
         if self.orphans:  # before reusing an id(conn) key an orphan may still hold
             self.collect_orphans_locked()
+        # (plain attribute arithmetic: no asynchronous exception lands in it)
         self.opening -= 1
         self.entries[e.key] = e
+        if slot is not None:
+            slot.reserved = False
+            slot.entry = e
         self.counters.opened += 1
 
-    def open_failed_locked(self, exc: BaseException) -> None:
-        """A reserved slot's connect failed: the slot is free again."""
+    def open_failed_locked(self, exc: BaseException, slot: Slot | None = None) -> None:
+        """A reserved slot's connect failed: the slot is free again (once: a ``slot`` already
+        freed is left alone)."""
+        if slot is not None:
+            if not slot.reserved:
+                return
+            slot.reserved = False
         self.size -= 1
         self.opening -= 1
-        self.counters.connect_errors += 1
-        self.counters.last_connect_error = exc
+        if isinstance(exc, Exception):  # (an interrupt is no connect error, and its
+            self.counters.connect_errors += 1  # traceback would keep its frames alive)
+            self.counters.last_connect_error = exc
         self.grant_permits_locked()
 
     def release_new_locked(self, e: Entry, conn: Connection) -> None:

@@ -180,6 +180,17 @@ class Connector:
         self.discovery = self._setup_discovery(discovery, instance_host_pattern,
                                                topology_refresh_interval)
 
+    def add_session_setting(self, name: str, value: str) -> bool:
+        """Start every new connection's session with ``name = value`` (``-c`` in libpq's
+        ``options``: the session's own default, kept by ``RESET`` and ``DISCARD ALL``), unless
+        the user's ``options`` set it already. Returns whether the setting is the pool's.
+        (PgBouncer ignores ``options``: behind it the setting does not reach the server.)"""
+        options = self._base.get("options", "")
+        if f"{name}=" in options.replace(" =", "="):
+            return False
+        self._base["options"] = f"{options} -c {name}={value}".strip()
+        return True
+
     def set_credentials(
         self,
         *,

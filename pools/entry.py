@@ -39,6 +39,7 @@ class Entry:
         "checkout_stack",
         "leak_warned",
         "needs_ping",
+        "setup",
     )
 
     def __init__(
@@ -72,6 +73,9 @@ class Entry:
         self.checkout_stack: str | None = None  # leak detection: where it was checked out
         self.leak_warned = False
         self.needs_ping = False  # ping on the next checkout (the supervisor's role check)
+        # the client-side attributes the pool set up (autocommit, readonly, isolation_level,
+        # deferrable, cursor_factory), put back on return when a borrower changed them
+        self.setup: tuple[Any, ...] | None = None
 
     def __repr__(self) -> str:
         state = ("idle", "in use", "returning", "closed")[self.state]

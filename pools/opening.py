@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg2.extensions as ext
 
-from .bag import Bag
+from .bag import Bag, Slot
 from .clock import Clock
 from .connector import ConnectFailed, Connector
 from .entry import RETURNING, Entry
@@ -104,22 +104,39 @@ class Opener:
     # -- opening --------------------------------------------------------------------------------
 
     def open(
-        self, deadline: float | None = None, prefer: str | None = None
+        self, deadline: float | None = None, prefer: str | None = None,
+        slot: Slot | None = None,
     ) -> tuple[Entry, Connection]:
-        """Open one connection for a slot already counted in the books. On failure the slot
-        is given back and :class:`ConnectError` raised. Runs without the lock."""
+        """Open one connection for a slot already counted in the books (``slot``: its
+        owner's record of it, see :class:`Slot`). On failure the slot is given back and
+        :class:`ConnectError` raised (an interrupt stays what it is: the slot is given back
+        too). Runs without the lock.
+
+        The ``ConnectError`` says what kind of refusal it was: ``capacity`` (the server is out
+        of connection slots; the bag's ``capacity_until`` is set until the address is tried
+        again) and ``deadline_only`` (nothing failed but the caller's own deadline)."""
         name = self.name
         t0 = time.monotonic()
         try:
             conn, address = self.connector.connect(deadline, prefer)
         except ConnectFailed as exc:
             cause = exc.__cause__ or exc
-            self._failed(cause)
+            self._failed(cause, slot)
             if self.connector.refresh_soon():  # the answer may be out of date: ask again now
                 self.wake()
-            raise ConnectError(f"pool {name!r}: {exc}", pool=name) from cause
-        except Exception as exc:
-            self._failed(exc)
+            err = ConnectError(f"pool {name!r}: {exc}", pool=name)
+            kinds = exc.kinds
+            err.capacity = "capacity" in kinds  # type: ignore[attr-defined]
+            err.deadline_only = kinds == {"deadline"}  # type: ignore[attr-defined]
+            if err.capacity:  # type: ignore[attr-defined]
+                retry_s = min([h.retry_in_s for h in exc.holds if h.kind == "capacity"]
+                              or [self.connector.book.ban_initial])
+                self.bag.capacity_until = time.monotonic() + max(0.05, retry_s)
+            raise err from cause
+        except BaseException as exc:
+            self._failed(exc, slot)
+            if not isinstance(exc, Exception):
+                raise  # an interrupt (KeyboardInterrupt, ...) stays what it is
             raise ConnectError(
                 f"pool {name!r}: cannot connect to {self.connector.host_label}: "
                 f"{summarise_error(exc)}",
@@ -136,12 +153,15 @@ class Opener:
         except BaseException as exc:
             close_quietly(conn)
             self.connector.book.closed(address.label)
-            self._failed(exc)
+            self._failed(exc, slot)
             if isinstance(exc, PoolError) or not isinstance(exc, Exception):
                 raise  # an interrupt (KeyboardInterrupt, ...) stays what it is
             raise PoolError(
                 f"pool {name!r}: configuring a new connection failed: {exc!r}", pool=name
             ) from exc
+        # what the pool set up: a borrower's changes are put back on return
+        setup = (conn.autocommit, conn.readonly, conn.isolation_level, conn.deferrable,
+                 conn.cursor_factory)
         now = self.clock.monotonic()
         e = Entry(
             conn,
@@ -151,11 +171,12 @@ class Opener:
             on_lost=self.on_lost,
         )
         e.server_role = self.server_role(conn)
+        e.setup = setup
         bag = self.bag
         e.fresh_until = bag.fresh_until(e, now)
         e.state = RETURNING  # owned by the opener until it hands it over
         with bag.lock:
-            bag.admit_locked(e)
+            bag.admit_locked(e, slot)
             bag.counters.created(created_s)
             self.watchdog.track(e.key)
             below_min = bag.size < bag.minconn
@@ -165,15 +186,15 @@ class Opener:
         logger.debug("pool %s: opened connection pid=%s to %s", name, e.backend_pid, e.address)
         return e, conn
 
-    def open_for_caller(self, deadline: float | None) -> Connection:
+    def open_for_caller(self, deadline: float | None, slot: Slot | None = None) -> Connection:
         """A caller's own connect (its slot counted): the connection is its checkout."""
-        e, conn = self.open(deadline)
+        e, conn = self.open(deadline, slot=slot)
         return self.bag.admit_checked_out(e, conn)
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, slot: Slot | None = None) -> None:
         bag = self.bag
         with bag.lock:
-            bag.open_failed_locked(exc)
+            bag.open_failed_locked(exc, slot)
             below_min = bag.size < bag.minconn
         if below_min:
             self.wake()

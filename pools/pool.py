@@ -237,6 +237,9 @@ class ConnectionPool:
         def wake_by(deadline: float) -> None:
             sup.request_by(task, deadline)
 
+        if query_timeout:  # the server cancels a statement past it (see watchdog)
+            self._watchdog.server_side = self._connector.add_session_setting(
+                "statement_timeout", str(max(1, round(query_timeout * 1000))))
         self._opener = Opener(
             bag, self._connector, self._watchdog, self._clock, self._rng, on_lost=on_lost,
             wake=wake, dispose=sup.run_io, autocommit=autocommit, configure=configure,

@@ -8,6 +8,12 @@ Invariants:
 - ``recycle: clean``: after the rollback, ``DISCARD ALL`` (outside a transaction, bounded by the
   watchdog's ping deadline) before the user's ``reset``; failing or late, the connection is
   discarded ("reset_failed").
+- What the borrower changed on the connection's client side (``autocommit``, ``readonly``,
+  ``isolation_level``, ``deferrable``, ``cursor_factory``) is put back as the pool set it up
+  (after ``autocommit`` and ``configure``); if it cannot be, the connection is discarded.
+- Every round trip of a return (rollback, putting the session characteristics back, ``DISCARD
+  ALL``, the user's ``reset``) runs under one bound, the watchdog's ``ping_timeout``: a
+  connection that misses it has its socket cut and is discarded ("broken"), its slot freed.
 - On a role-aware pool a server that changed role retires the connection (see ``roles``).
 - ``restore`` returns a close reason or None; it never touches the books (the bag does).
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import psycopg2.extensions as ext
 
@@ -39,6 +46,11 @@ Bound = Callable[[Connection, "str | None"], contextlib.AbstractContextManager[N
 _TX_IDLE = ext.TRANSACTION_STATUS_IDLE
 _TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _TX_INERROR = ext.TRANSACTION_STATUS_INERROR
+
+
+def _setup_of(conn: Connection) -> tuple[Any, ...]:
+    return (conn.autocommit, conn.readonly, conn.isolation_level, conn.deferrable,
+            conn.cursor_factory)
 
 
 class Restorer:
@@ -65,13 +77,28 @@ class Restorer:
         self.discard_all = False  # recycle: clean
 
     def restore(self, e: Entry, conn: Connection, status: int) -> str | None:
-        """Clean ``conn`` (transaction ``status``, -1: unknown) for reuse. Returns why it must
-        be closed instead, or None."""
+        """Clean ``conn`` (transaction ``status``, -1: unknown) for reuse, within the bound.
+        Returns why it must be closed instead, or None."""
         if status < 0 or conn.closed:
             return "broken"
+        guard = self.bounded(conn, e.address) if self.bounded else contextlib.nullcontext()
+        try:
+            with guard:
+                reason = self._restore(e, conn, status)
+        except Exception as exc:  # (the guard cut the socket under a call)
+            logger.warning("pool %s: returning a connection failed (%s): discarding",
+                           self.bag.name, summarise_error(exc))
+            return "broken"
+        if reason is None and conn.closed:
+            return "broken"
+        return reason
+
+    def _restore(self, e: Entry, conn: Connection, status: int) -> str | None:
         reason: str | None = None
         if status != _TX_IDLE:
             reason = self._rollback(conn, status)
+        if reason is None and e.setup is not None and e.setup != _setup_of(conn):
+            reason = self._put_back(e.setup, conn)
         if reason is None and self.discard_all:
             reason = self._discard_all(e, conn)
         if reason is None and self.reset is not None:
@@ -92,6 +119,29 @@ class Restorer:
         with self.bag.lock:
             self.bag.counters.rollbacks += 1
         logger.debug("pool %s: rolled back uncommitted work on return", name)
+        return None
+
+    def _put_back(self, setup: tuple[Any, ...], conn: Connection) -> str | None:
+        """Put the client-side attributes back as the pool set them up. In autocommit mode
+        psycopg2 sends the session characteristics to the server (``SET
+        default_transaction_...``), so they are put back there, then autocommit."""
+        autocommit, readonly, isolation_level, deferrable, cursor_factory = setup
+        try:
+            conn.cursor_factory = cursor_factory
+            if (conn.readonly, conn.isolation_level, conn.deferrable) != (
+                    readonly, isolation_level, deferrable):
+                conn.autocommit = True  # (the server-side defaults too, not only the next BEGIN)
+                conn.readonly = readonly
+                conn.deferrable = deferrable
+                conn.isolation_level = isolation_level
+            conn.autocommit = autocommit
+        except Exception as exc:
+            logger.warning("pool %s: putting the connection's settings back failed (%s): "
+                           "discarding", self.bag.name, summarise_error(exc))
+            return "reset_failed"
+        if _setup_of(conn) != setup:
+            return "reset_failed"
+        logger.debug("pool %s: the borrower's connection settings were put back", self.bag.name)
         return None
 
     def _discard_all(self, e: Entry, conn: Connection) -> str | None:

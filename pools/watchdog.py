@@ -1,9 +1,16 @@
 """The watchdog: deadlines on round trips that nothing in libpq bounds.
 
 A query (or a ping) on a frozen server hangs forever: its kernel still acknowledges, so no TCP
-timeout fires. The watchdog gives each one a deadline on the supervisor; at the deadline, if it
+timeout fires. The watchdog gives each one a deadline (on the process's deadline thread,
+``pools.deadlines``; on the supervisor for a pool on a fake clock); at the deadline, if it
 still runs, its socket is shut down (the blocked read returns at once with an error) and the
 address is banned.
+
+``query_timeout`` is kept by the server first: every connection starts with
+``statement_timeout`` set to it (in libpq's ``options``, so ``RESET``/``DISCARD ALL`` keep it),
+so a statement past it is cancelled there (SQLSTATE 57014: its locks released, the connection
+kept, the address not banned). Only a server that has not answered ``QUERY_GRACE_S`` later
+has the socket cut and its address banned.
 
 Invariants:
 - The supervisor only ever shuts a socket down (``PingGuard.expire``): never a round trip,
@@ -22,6 +29,7 @@ import logging
 import math
 import os
 import socket
+import time
 import weakref
 from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable, Iterator
@@ -30,13 +38,18 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions as ext
 
-from .clock import Clock
+from .clock import Clock, RealClock
+from .deadlines import DEADLINES, Deadlines
 from .stats import summarise_error
 from .supervisor import Supervisor
 
 __all__ = ["PingGuard", "Watchdog", "guarded_cursor_class"]
 
 logger = logging.getLogger(__name__)
+
+# How long past query_timeout a server that enforces it itself (statement_timeout) may take to
+# answer with its cancel before the watchdog decides it does not answer at all.
+QUERY_GRACE_S = 0.25
 
 Connection = ext.connection
 
@@ -135,6 +148,20 @@ class Watchdog:
         self.label_of = label_of
         self.ping_timeout = ping_timeout
         self.query_timeout = query_timeout
+        self._real_time = isinstance(clock, RealClock)
+        # the server enforces query_timeout itself (statement_timeout): the cut waits a grace
+        self.server_side = False
+
+    def _watch(self, limit_s: float, fn: Callable[[], None]) -> Any:
+        if self._real_time:
+            return DEADLINES.watch(time.monotonic() + limit_s, fn)
+        return self.supervisor.watch(self.clock.monotonic() + limit_s, fn)
+
+    def _unwatch(self, handle: Any) -> None:
+        if self._real_time:
+            Deadlines.cancel(handle)
+        else:
+            self.supervisor.unregister(handle)
 
     # -- connections under the query watchdog ---------------------------------------------------
 
@@ -163,13 +190,13 @@ class Watchdog:
         guard = PingGuard(conn) if limit and limit != math.inf else None
         task = None
         if guard is not None:
-            task = self.supervisor.watch(self.clock.monotonic() + limit, guard.expire)
+            task = self._watch(limit, guard.expire)
         try:
             ok = self._ping_unguarded(conn)
         finally:
             if guard is not None:
                 guard.finish()
-                self.supervisor.unregister(task)  # type: ignore[arg-type]
+                self._unwatch(task)
         if guard is not None and guard.expired:
             if label is not None:
                 self.ban(label)
@@ -188,12 +215,12 @@ class Watchdog:
             yield
             return
         guard = PingGuard(conn)
-        task = self.supervisor.watch(self.clock.monotonic() + limit, guard.expire)
+        task = self._watch(limit, guard.expire)
         try:
             yield
         finally:
             guard.finish()
-            self.supervisor.unregister(task)
+            self._unwatch(task)
             if guard.expired:
                 if label is not None:
                     self.ban(label)
@@ -209,12 +236,12 @@ class Watchdog:
             yield
             return
         guard = PingGuard(conn)
-        task = self.supervisor.watch(self.clock.monotonic() + limit, guard.expire)
+        task = self._watch(limit + QUERY_GRACE_S if self.server_side else limit, guard.expire)
         try:
             yield
         finally:
             guard.finish()
-            self.supervisor.unregister(task)
+            self._unwatch(task)
             if guard.expired:
                 label = self.label_of(conn)
                 if label is not None:

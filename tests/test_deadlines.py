@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from typing import Any
 
 import psycopg2
 import pytest
@@ -24,10 +23,6 @@ from reliability import (
 SLACK_S = 0.2
 TIMEOUTS = (0.05, 1.0, 2.0)
 _WAITED = re.compile(r"\b\d+\.\d{2,3} s\b")  # "... after 1.003 s ..."
-
-
-def _all_xfail(timeouts: tuple[float, ...], why: str) -> list[Any]:
-    return [pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=why)) for t in timeouts]
 
 
 def _timed_getconn(pool: ConnectionPool, timeout: float) -> tuple[float, BaseException | None]:
@@ -47,8 +42,7 @@ def _check(took: float, err: BaseException | None, timeout: float, what: str) ->
     assert _WAITED.search(str(err)), f"the error does not say how long the caller waited: {err}"
 
 
-@pytest.mark.parametrize("timeout", _all_xfail(
-    TIMEOUTS, "issue 11: a connect error does not say how long the caller waited"))
+@pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_refused(dead_port, supervisor, closer, timeout):
     pool = ConnectionPool(minconn=0, maxconn=2, supervisor=supervisor, timeout=30,
                           dsn=f"host=127.0.0.1 port={dead_port} user=postgres")
@@ -67,8 +61,7 @@ def test_hanging_connect(hanging_port, supervisor, closer, timeout):
     _check(took, err, timeout, "hanging connect")
 
 
-@pytest.mark.parametrize("timeout", [0.05] + _all_xfail(
-    TIMEOUTS[1:], "issue 11: a waiter handed a slot connects with a fresh budget"))
+@pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_waited_at_maxconn_then_the_connect_hangs(solo_server, supervisor, closer, timeout):
     app = new_app("wait-then-hang")
     pool = ConnectionPool(minconn=0, maxconn=1, supervisor=supervisor, dsn=solo_server.dsn(),
@@ -92,8 +85,7 @@ def test_waited_at_maxconn_then_the_connect_hangs(solo_server, supervisor, close
     assert not books_exact(pool, solo_server, app)
 
 
-@pytest.mark.parametrize("timeout", _all_xfail(
-    TIMEOUTS, "issue 11: each ping gets the whole timeout again"))
+@pytest.mark.parametrize("timeout", TIMEOUTS)
 def test_frozen_mid_ping(solo_server, supervisor, closer, timeout):
     app = new_app("frozen-ping")
     pool = ConnectionPool(minconn=4, maxconn=5, supervisor=supervisor, dsn=solo_server.dsn(),

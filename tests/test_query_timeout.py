@@ -22,8 +22,6 @@ QUERY_TIMEOUT = 1.0
 BOUND_S = 1.5
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: query_timeout cuts the socket; the backend "
-                                       "runs on, holding its locks, and the address is banned")
 def test_a_slow_statement_is_cancelled_on_a_healthy_server(clean_db, supervisor, closer):
     app = new_app("qt-healthy")
     pool = ConnectionPool(minconn=0, maxconn=2, dsn=clean_db.dsn(), supervisor=supervisor,

@@ -25,9 +25,6 @@ from reliability import (
     new_app,
 )
 
-XFAIL_STATE = pytest.mark.xfail(
-    strict=True, reason="issue 11: client-side state reaches the next borrower")
-
 
 def _one_conn_pool(server: Any, sup: Any, closer: Any, **kw: Any) -> ConnectionPool:
     pool = ConnectionPool(minconn=0, maxconn=1, dsn=server.dsn(), supervisor=sup, timeout=5,
@@ -40,7 +37,6 @@ def _pid(conn: Any) -> int:
     return int(conn.info.backend_pid)
 
 
-@XFAIL_STATE
 def test_autocommit_set_by_a_borrower_does_not_commit_the_next_one_s_failed_block(
         clean_db, supervisor, closer):
     pool = _one_conn_pool(clean_db, supervisor, closer)
@@ -55,7 +51,6 @@ def test_autocommit_set_by_a_borrower_does_not_commit_the_next_one_s_failed_bloc
     assert clean_db.execute("SELECT count(*) FROM pgr_scratch")[0][0] == 0
 
 
-@XFAIL_STATE
 def test_readonly_set_by_a_borrower_does_not_reach_the_next_one(clean_db, supervisor, closer):
     pool = _one_conn_pool(clean_db, supervisor, closer)
     with pool.conn() as conn:
@@ -69,7 +64,6 @@ def test_readonly_set_by_a_borrower_does_not_reach_the_next_one(clean_db, superv
     assert clean_db.execute("SELECT count(*) FROM pgr_scratch")[0][0] == 1
 
 
-@XFAIL_STATE
 def test_isolation_and_deferrable_do_not_reach_the_next_borrower(pg_server, supervisor,
                                                                   closer):
     pool = _one_conn_pool(pg_server, supervisor, closer)
@@ -84,7 +78,6 @@ def test_isolation_and_deferrable_do_not_reach_the_next_borrower(pg_server, supe
             assert cur.fetchone()[0] == "read committed"
 
 
-@XFAIL_STATE
 def test_cursor_factory_does_not_reach_the_next_borrower(pg_server, supervisor, closer):
     pool = _one_conn_pool(pg_server, supervisor, closer)
     with pool.conn() as conn:
@@ -94,7 +87,6 @@ def test_cursor_factory_does_not_reach_the_next_borrower(pg_server, supervisor, 
         assert cur.fetchone() == (1,)
 
 
-@XFAIL_STATE
 def test_the_pool_s_own_autocommit_is_put_back(pg_server, supervisor, closer):
     pool = _one_conn_pool(pg_server, supervisor, closer, autocommit=True)
     with pool.conn() as conn:
@@ -118,7 +110,6 @@ def test_what_configure_set_up_is_kept(pg_server, supervisor, closer):
 # -- the return path on a frozen server --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a return's rollback hangs on a frozen server")
 def test_a_return_with_an_open_transaction_on_a_frozen_server_is_bounded(
         solo_server, supervisor, closer):
     app = new_app("frozen-return")
@@ -155,8 +146,6 @@ def test_a_return_with_an_open_transaction_on_a_frozen_server_is_bounded(
 # -- after a restart, one broken connection makes its address's older ones suspect -------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: every connection used within "
-                                       "validation_bypass is handed out dead after a restart")
 def test_after_a_restart_at_most_one_dead_connection_is_handed_out(solo_server, supervisor,
                                                                    closer):
     app = new_app("restart")
