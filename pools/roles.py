@@ -37,18 +37,18 @@ READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: a write reached a rea
 
 
 def server_role(conn: Connection) -> str | None:
-    """'primary', 'standby' or 'read-only' (a primary refusing writes), from what the server
-    reports with every response (PostgreSQL 14+); None when it does not say."""
+    """'primary' or 'standby', from what the server reports of itself with every response
+    (``in_hot_standby``, PostgreSQL 14+); None when it does not say. Only the server is
+    trusted: ``default_transaction_read_only`` is also reported, but a session may set it
+    (``SET``, psycopg2's ``set_session(readonly=True)`` in autocommit), so it says nothing
+    about the server's role."""
     try:
-        status = conn.info.parameter_status
-        hot = status("in_hot_standby")
-        if hot is None:
-            return None
-        if hot == "on":
-            return "standby"
-        return "read-only" if status("default_transaction_read_only") == "on" else "primary"
+        hot = conn.info.parameter_status("in_hot_standby")
     except Exception:
         return None
+    if hot is None:
+        return None
+    return "standby" if hot == "on" else "primary"
 
 
 class RoleGuard:
@@ -100,8 +100,16 @@ class RoleGuard:
         if self.role != "writer":
             return
         e = self.bag.entries.get(id(conn))
-        if e is not None and e.wref is not None and e.wref() is conn:
-            self.writer_demoted(e.address, "a write failed: read-only transaction (25006)")
+        if e is None or e.wref is None or e.wref() is not conn:
+            return
+        # A caller's own read-only transaction or session fails a write with 25006 too: only
+        # a server that says it is a standby is a demoted writer (one that does not say,
+        # before PostgreSQL 14, is taken at its word: 25006).
+        if server_role(conn) == "primary":
+            logger.debug("pool %s: a write failed with 25006 on %s, a primary: the caller's "
+                         "own read-only transaction", self.bag.name, e.address)
+            return
+        self.writer_demoted(e.address, "a write failed: read-only transaction (25006)")
 
     def writer_demoted(self, label: str, how: str) -> None:
         """The writer at ``label`` is no more: ban it, close its idle connections now and its

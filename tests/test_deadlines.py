@@ -37,6 +37,7 @@ def _timed_getconn(pool: ConnectionPool, timeout: float) -> tuple[float, BaseExc
 
 
 def _check(took: float, err: BaseException | None, timeout: float, what: str) -> None:
+    print(f"\nRELIABILITY: getconn(timeout={timeout:g}), {what}: {took:.3f} s")
     assert took <= timeout + SLACK_S, f"{what}: getconn(timeout={timeout}) took {took:.3f} s"
     assert err is not None, f"{what}: getconn succeeded?"
     assert _WAITED.search(str(err)), f"the error does not say how long the caller waited: {err}"

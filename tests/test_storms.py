@@ -145,7 +145,6 @@ def test_classification_of_every_wording(text, kind):
     assert classify(psycopg2.OperationalError(text)) == kind
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: capacity refusals storm the server")
 def test_no_login_storm_at_a_connection_limit(solo_server, supervisor, closer):
     """A role allowed 4 connections, a pool of maxconn 8, 8 threads: the pool holds 4 and
     serves everyone from them; the server sees a handful of refused logins per backoff."""
