@@ -103,8 +103,7 @@ def guarded_cursor_class(base: type) -> type:
             dog = _watchdog_of_conn.get(id(self.connection))
             if dog is None:
                 return method(self, *args, **kwargs)
-            with dog.query_guard(self.connection):
-                return method(self, *args, **kwargs)
+            return dog.guarded_call(self.connection, method, self, args, kwargs)
 
         run.__name__ = name
         return run
@@ -227,6 +226,40 @@ class Watchdog:
                 logger.warning("pool %s: a round trip on %s took more than %.1f s: its "
                                "connection was cut and the address banned", self.name,
                                label or "a connection", limit)
+
+    def guarded_call(self, conn: Connection, method: Callable[..., Any], cursor: Any,
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``method(cursor, *args, **kwargs)`` bounded like :meth:`query_guard` (the cursor
+        classes' path: no generator per query)."""
+        limit = self.query_timeout
+        if not limit or conn.closed:
+            return method(cursor, *args, **kwargs)
+        guard = PingGuard(conn)
+        if self._real_time:
+            handle: Any = DEADLINES.watch(
+                time.monotonic() + (limit + QUERY_GRACE_S if self.server_side else limit),
+                guard.expire)
+        else:
+            handle = self._watch(limit + QUERY_GRACE_S if self.server_side else limit,
+                                 guard.expire)
+        try:
+            return method(cursor, *args, **kwargs)
+        finally:
+            guard.finish()
+            if self._real_time:
+                handle[2] = None  # (Deadlines.cancel, inlined)
+            else:
+                self._unwatch(handle)
+            if guard.expired:
+                self._query_cut(conn, limit)
+
+    def _query_cut(self, conn: Connection, limit: float) -> None:
+        label = self.label_of(conn)
+        if label is not None:
+            self.ban(label)
+        logger.warning("pool %s: a query on %s ran past query_timeout (%g s) and the server "
+                       "did not answer: its connection was cut and the address banned",
+                       self.name, label or "its address", limit)
 
     @contextlib.contextmanager
     def query_guard(self, conn: Connection) -> Iterator[None]:
