@@ -254,6 +254,7 @@ class ConnectionPool:
             role, bag, self._connector, self._clock, retire=self._placement.retire, wake=wake,
             check_interval=role_check_interval,
         )
+        self._roles.bounded = self._watchdog.bounded
         role_changed = self._roles.changed if role != "any" else None
         self._restorer = Restorer(bag, reset=reset, role_changed=role_changed,
                                   bounded=self._watchdog.bounded)

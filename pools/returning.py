@@ -82,10 +82,15 @@ class Restorer:
         if status < 0 or conn.closed:
             return "broken"
         guard = self.bounded(conn, e.address) if self.bounded else contextlib.nullcontext()
+        reason: str | None = None
+        done = False
         try:
             with guard:
                 reason = self._restore(e, conn, status)
-        except Exception as exc:  # (the guard cut the socket under a call)
+                done = True
+        except Exception as exc:  # (the guard cut the socket under a call, or at its end)
+            if done and reason is not None:
+                return reason  # the step that failed says why
             logger.warning("pool %s: returning a connection failed (%s): discarding",
                            self.bag.name, summarise_error(exc))
             return "broken"

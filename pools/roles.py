@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -80,6 +81,29 @@ class RoleGuard:
         self.check_interval = check_interval
         self.next_check_at = 0.0
         self.changes = 0
+        # bounds one round trip the guard makes itself (the watchdog's; set by the pool)
+        self.bounded: Callable[[Connection, str | None],
+                               contextlib.AbstractContextManager[None]] | None = None
+
+    def server_read_only(self, conn: Connection, label: str) -> bool | None:
+        """Ask the server (bounded like a ping) whether it refuses writes by itself: in
+        recovery, or ``default_transaction_read_only`` on in its configuration (its
+        ``reset_val``: a session's own ``SET`` does not change it). None if it cannot say.
+        The caller's transaction, failed already, is rolled back first."""
+        guard = (self.bounded(conn, label) if self.bounded is not None
+                 else contextlib.nullcontext())
+        try:
+            if conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+                conn.rollback()
+            with guard, conn.cursor() as cur:
+                cur.execute("SELECT pg_is_in_recovery() OR reset_val = 'on' FROM pg_settings"
+                            " WHERE name = 'default_transaction_read_only'")
+                row = cur.fetchone()
+            if not conn.autocommit:
+                conn.rollback()
+        except Exception:
+            return None
+        return bool(row[0]) if row else None
 
     def changed(self, e: Entry, conn: Connection) -> bool:
         """Whether the server behind ``conn`` no longer has the role this pool needs (or had
@@ -103,12 +127,22 @@ class RoleGuard:
         if e is None or e.wref is None or e.wref() is not conn:
             return
         # A caller's own read-only transaction or session fails a write with 25006 too: only
-        # a server that says it is a standby is a demoted writer (one that does not say,
-        # before PostgreSQL 14, is taken at its word: 25006).
-        if server_role(conn) == "primary":
-            logger.debug("pool %s: a write failed with 25006 on %s, a primary: the caller's "
-                         "own read-only transaction", self.bag.name, e.address)
-            return
+        # the server's own word counts. A standby (in_hot_standby) is a demoted writer; a
+        # primary whose reported default_transaction_read_only is off refused this
+        # transaction only; otherwise the server is asked whether it refuses writes by
+        # itself (in recovery, or read-only by its configuration rather than this session's
+        # SET). A server that cannot be asked is taken at its word: 25006.
+        role = server_role(conn)
+        if role == "primary":
+            try:
+                session_ro = conn.info.parameter_status("default_transaction_read_only")
+            except Exception:
+                session_ro = None
+            if session_ro == "off" or (
+                    session_ro == "on" and self.server_read_only(conn, e.address) is False):
+                logger.debug("pool %s: a write failed with 25006 on %s, a primary: the "
+                             "caller's own read-only transaction", self.bag.name, e.address)
+                return
         self.writer_demoted(e.address, "a write failed: read-only transaction (25006)")
 
     def writer_demoted(self, label: str, how: str) -> None:

@@ -202,6 +202,7 @@ class Watchdog:
             logger.warning("pool %s: ping of %s timed out after %.1f s: the server does not "
                            "answer (frozen?); address banned", self.name,
                            label or "a connection", limit)
+            return False  # its socket is cut, even if the answer came in the same instant
         return ok
 
     @contextlib.contextmanager
@@ -226,6 +227,9 @@ class Watchdog:
                 logger.warning("pool %s: a round trip on %s took more than %.1f s: its "
                                "connection was cut and the address banned", self.name,
                                label or "a connection", limit)
+        if guard.expired:  # cut, even if the call ended in the same instant: not reusable
+            raise psycopg2.OperationalError(
+                f"the round trip took more than {limit:g} s: the connection was cut")
 
     def guarded_call(self, conn: Connection, method: Callable[..., Any], cursor: Any,
                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
