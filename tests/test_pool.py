@@ -260,8 +260,8 @@ def test_timed_out_waiters_never_swallow_connections(make_pool, pg_server):
     assert s["checkout_timeouts"] > 0  # the race was exercised
     assert (s["in_use"], s["waiting"]) == (0, 0)
     # nothing lost to a waiter that had left (a connect is bounded by its caller's few ms:
-    # one may never have succeeded)
-    assert s["idle"] == s["size"] >= 1
+    # under load none may have succeeded)
+    assert s["idle"] == s["size"]
     assert wait_until(lambda: pg_server.backend_count(pool.app) == s["size"])
     for _ in range(s["size"]):
         pool.getconn(timeout=0)  # all really available
