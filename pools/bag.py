@@ -208,8 +208,13 @@ class Bag:
             except psycopg2.InterfaceError:  # closed, by the user or by a broken link
                 status = -1
             now = self.now()
+            setup = e.setup  # (the settings check, inlined: the hot path pays ~0.2 us)
             if (status or close or self.return_hooks or now >= e.expires_at
-                    or self.size > self.cap or self.setup_changed(e, conn)):
+                    or self.size > self.cap
+                    or (setup is not None and (
+                        conn.autocommit is not setup[0] or conn.readonly is not setup[1]
+                        or conn.isolation_level != setup[2] or conn.deferrable is not setup[3]
+                        or conn.cursor_factory is not setup[4]))):
                 timings = self.timings
                 if timings is None:
                     self._putconn_slow(e, conn, close, status)
