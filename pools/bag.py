@@ -15,11 +15,8 @@ opened, pinged, rolled back and closed outside it, by the bag's hooks (set once 
 ``vet`` checks a popped entry, ``open_for_caller`` opens one for a caller, ``restore`` cleans a
 returned one, ``close_conn`` closes one that left the books). A caller that finds nothing idle
 opens a connection itself while the pool is below ``maxconn`` (or takes a prewarm connection
-already under way); at ``maxconn`` it waits in a fair FIFO queue, and a returned connection (or
-a freed slot) goes to the oldest waiter. A return made without the lock looks for waiters after
-it published, and a waiter looks at the idle deque after it queued: one of the two always sees
-the other. Each waiter has its own signal; handoffs happen under the lock, so a waiter that
-timed out either got its connection first or leaves the queue empty-handed.
+already under way); at ``maxconn`` it waits in a fair FIFO queue (the waiting half of the bag,
+its handoffs and permits, and their invariants: :mod:`pgregistry.pools.waiting`).
 
 The books (under ``lock``): ``size`` = ``len(entries)`` + ``opening`` and never exceeds
 ``maxconn`` except while a resize shrinks it; every entry is in exactly one of ``idle``, ``out``
@@ -54,34 +51,16 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .entry import CLOSED, IDLE, IN_USE, RETURNING, Entry
-from .errors import BadConnectionError, PoolError, PoolTimeout
-from .stats import Counters, closed_error, timeout_error
+from .errors import BadConnectionError, PoolError
+from .stats import Counters, closed_error
 from .timing import Timings
+from .waiting import Waiter, Waiting
 
-__all__ = ["Bag", "Slot", "Waiter"]
+__all__ = ["Bag", "Slot", "Waiter"]  # (Waiter: from .waiting)
 
 logger = logging.getLogger(__name__)
 
 Connection = ext.connection
-
-
-class Waiter:
-    """A caller waiting for a connection. Given, under the bag's lock, exactly one of: a
-    connection, a permit to open one (a slot already counted in ``size``), or an error."""
-
-    __slots__ = ("signal", "conn", "permit", "error")
-
-    def __init__(self) -> None:
-        # a bare lock, taken at birth: the giver releases it once to wake this waiter (a
-        # Condition per wait costs several times more, on the path every waiter takes)
-        self.signal = _allocate_lock()
-        self.signal.acquire()
-        self.conn: Connection | None = None
-        self.permit = False
-        self.error: PoolError | None = None
-
-    def wake(self) -> None:
-        self.signal.release()
 
 
 class Slot:
@@ -100,7 +79,7 @@ def _no_vet(e: Entry, conn: Connection, budget_s: float | None) -> bool:
     return True
 
 
-class Bag:
+class Bag(Waiting):
     """The books and the hot path of one pool (see the module docstring for the invariants).
 
     Its fields are the pool's shared state: the pool's collaborators (maintenance,
@@ -368,15 +347,6 @@ class Bag:
         elif slot.entry is not None and not isinstance(exc, Exception):
             self.recover(slot.entry, mine=True, reusable=True)
 
-    def capacity_held(self) -> bool:
-        """The server refused a connect for capacity lately (see ``capacity_until``): new
-        connects wait for a connection the pool holds instead, while it holds one."""
-        return self.capacity_until > time.monotonic() and len(self.entries) > 0
-
-    def _may_wait_for_capacity(self, exc: BaseException, deadline: float) -> bool:
-        cause = getattr(exc, "capacity", False)
-        return bool(cause) and time.monotonic() < deadline and len(self.entries) > 0
-
     def checkout_popped(self, e: Entry, deadline: float | None = None) -> Connection | None:
         """An entry taken from the idle queue: closed if expired, else checked out, pinged if
         it has not been used for a while (within what is left of ``deadline``), role-checked
@@ -517,117 +487,6 @@ class Bag:
         self.fifo = fifo
         self.take = self.idle.popleft if fifo else self.idle.pop
 
-    # -- waiting ----------------------------------------------------------------------------
-
-    def _may_wait(self, timeout: float | None) -> bool:
-        return (self.timeout if timeout is None else timeout) > 0
-
-    def take_or_none(self) -> Entry | None:
-        try:
-            return self.take()
-        except IndexError:
-            return None
-
-    def _enqueue_locked(self, budget: float, t0: float) -> Waiter:
-        """Join the waiters' queue (or raise at once: no wait allowed, or too many waiting)."""
-        if budget <= 0:
-            self.counters.timeouts += 1
-            raise self.timeout_error_locked(0.0, budget)
-        if self.max_waiting and len(self.waiters) >= self.max_waiting:
-            self.counters.timeouts += 1
-            raise self.timeout_error_locked(0.0, budget, too_many=True)
-        w = Waiter()
-        self.waiters.append(w)
-        # a lock-free return may have published just before we queued: serve the queue
-        if self.idle:
-            self.dispatch_locked()
-        return w
-
-    def _await(self, w: Waiter, deadline: float | None, budget: float,
-               t0: float) -> Connection | None:
-        """Wait, without the lock, until ``deadline`` for a handoff to ``w``. Returns the
-        connection, or None with a permit to open one; raises on timeout. An interrupt while
-        waiting gives back whatever was handed over."""
-        try:
-            remaining = (deadline or t0) - time.monotonic()
-            if remaining > 0:
-                w.signal.acquire(True, remaining)  # released once, by whoever serves us
-        except BaseException:
-            with self.lock:
-                self._abandon_wait_locked(w)
-            raise
-        with self.lock:
-            try:
-                waited = time.monotonic() - t0
-                self.counters.waited(waited)
-                if w.error is not None:
-                    raise w.error
-                if w.conn is not None or w.permit:
-                    return w.conn
-                # Timed out with nothing handed over: leave the queue (nothing can be handed
-                # to us any more, since handoffs happen under the lock we hold).
-                self.waiters.remove(w)
-                self.counters.timeouts += 1
-                raise self.timeout_error_locked(waited, budget)
-            except BaseException:
-                self._abandon_wait_locked(w)
-                raise
-
-    def _abandon_wait_locked(self, w: Waiter) -> None:
-        """A waiter leaves (interrupted): what was handed to it goes back, once."""
-        conn, w.conn = w.conn, None
-        permit, w.permit = w.permit, False
-        if conn is not None:
-            e = self.entries.get(id(conn))
-            if e is not None and e in self.out:
-                self.out.discard(e)
-                e.uses -= 1  # it never reached its caller
-                self.release_new_locked(e, conn)
-        elif permit:
-            self.size -= 1
-            self.opening -= 1
-            self.grant_permits_locked()
-        elif w in self.waiters:
-            self.waiters.remove(w)
-
-    def dispatch_locked(self) -> None:
-        """Hand idle connections to waiters, oldest first, while there are both."""
-        while self.waiters:
-            e = self.take_or_none()
-            if e is None:
-                return
-            conn = e.conn
-            assert conn is not None
-            self.handoff_locked(e, conn)
-
-    def handoff_locked(self, e: Entry, conn: Connection) -> None:
-        """Check ``e`` out to the oldest waiter."""
-        w = self.waiters.popleft()
-        e.conn = None
-        e.state = IN_USE
-        e.checked_out_at = self.now()
-        e.uses += 1
-        self.out.add(e)
-        w.conn = conn
-        w.wake()
-
-    def grant_permits_locked(self) -> None:
-        """Free slots go to the oldest waiters, as permits to open a connection (not while
-        the server is out of slots and the pool holds connections to wait for)."""
-        while self.waiters and self.size < self.maxconn and not self.capacity_held():
-            w = self.waiters.popleft()
-            self.size += 1
-            self.opening += 1
-            w.permit = True
-            w.wake()
-
-    def fail_waiters_locked(self) -> None:
-        """The pool closed: every waiter gets :class:`PoolClosed`."""
-        while self.waiters:
-            w = self.waiters.popleft()
-            w.error = closed_error(self.name)
-            w.wake()
-
     # -- the books ----------------------------------------------------------------------------
 
     def reserve_locked(self) -> bool:
@@ -664,16 +523,6 @@ class Bag:
             self.counters.connect_errors += 1  # traceback would keep its frames alive)
             self.counters.last_connect_error = exc
         self.grant_permits_locked()
-
-    def release_new_locked(self, e: Entry, conn: Connection) -> None:
-        """A connection joins the idle queue (opened by maintenance, or given back by a
-        waiter that left): to a waiter if one waits."""
-        if self.waiters:
-            self.handoff_locked(e, conn)
-        else:
-            e.state = IDLE
-            e.conn = conn
-            self.idle.append(e)
 
     def join(self, e: Entry, conn: Connection) -> None:
         """A connection opened by maintenance joins the pool (or is closed, if it closed)."""
@@ -767,12 +616,3 @@ class Bag:
             "in_use": len(self.out),  # the checked-out set is exactly the entries in use
             "waiting": len(self.waiters),
         }
-
-    def timeout_error_locked(
-        self, waited: float, timeout: float, too_many: bool = False
-    ) -> PoolTimeout:
-        return timeout_error(
-            self.name, self.counts_locked(), self.maxconn, waited_s=waited, timeout_s=timeout,
-            max_waiting=self.max_waiting, too_many=too_many,
-            last_connect_error=self.counters.last_connect_error,
-        )
