@@ -18,6 +18,13 @@ Invariants:
   is freed even before its heap entry is.
 - The thread never sleeps past the earliest deadline: a deadline added earlier than the one it
   sleeps toward wakes it.
+
+Cuts (``at``/``uncut``) are the cheap kind of deadline, for the watchdog's bound on each query
+and ping: a one-shot callable, no Task. A cut is a list ``[at, seq, fn]`` on a heap of its own
+(one push under a short lock); cancelling it is one atomic store (``fn`` cleared), and cleared
+entries are dropped as they come up or when the heap has doubled since it was last compacted,
+so it holds O(cuts live within the longest timeout) entries. A cut's callable must be instant
+(the watchdog's only shuts a socket down): it runs on the scheduler's thread.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import math
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from .clock import REAL_CLOCK, Clock
 
@@ -39,6 +47,7 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_ERROR_S = 5.0
 MAX_SLEEP_S = 60.0
 COMPACT_MIN_STALE = 32  # compact only heaps with at least this many stale entries
+CUTS_COMPACT_MIN = 1024  # the cuts' heap is compacted when it reaches this or twice its last size
 
 
 def _cancelled(now: float) -> float | None:
@@ -70,6 +79,69 @@ class Scheduler:
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._sleeping_until = -math.inf  # the deadline the thread sleeps toward (a hint)
+        self._cuts: list[list[Any]] = []  # [at, seq, fn or None (cancelled)]
+        self._cuts_lock = threading.Lock()
+        self._cuts_compact_at = CUTS_COMPACT_MIN
+
+    # -- cuts: the watchdog's one-shot deadlines ----------------------------------------------
+
+    def at(self, deadline: float, fn: Callable[[], None]) -> list[Any]:
+        """Call ``fn()`` (instant, never blocking) at ``deadline`` (the clock's monotonic
+        seconds) on the scheduler's thread unless :meth:`uncut` first. Returns the handle.
+        Wakes the thread if it sleeps past ``deadline``."""
+        item: list[Any] = [deadline, next(self._seq), fn]
+        with self._cuts_lock:
+            heap = self._cuts
+            heapq.heappush(heap, item)
+            if len(heap) >= self._cuts_compact_at:
+                self._compact_cuts_locked()
+        if deadline < self._sleeping_until:
+            self._requests.put(None)
+        return item
+
+    @staticmethod
+    def uncut(item: list[Any]) -> None:
+        """Cancel a cut (an atomic store; lock-free). Its ``fn`` may still be running."""
+        item[2] = None
+
+    def _compact_cuts_locked(self) -> None:
+        heap = [x for x in self._cuts if x[2] is not None]
+        heapq.heapify(heap)
+        self._cuts = heap
+        self._cuts_compact_at = max(CUTS_COMPACT_MIN, 2 * len(heap))
+
+    def cuts_size(self) -> int:
+        """Entries on the cuts' heap, cancelled ones included."""
+        return len(self._cuts)
+
+    def _next_cut_locked(self) -> float | None:
+        heap = self._cuts
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _run_cuts(self, now: float) -> int:
+        fns: list[Callable[[], None]] = []
+        with self._cuts_lock:
+            heap = self._cuts
+            while heap and heap[0][0] <= now:
+                fn = heapq.heappop(heap)[2]
+                if fn is not None:
+                    fns.append(fn)
+        for fn in fns:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a cut never stops the scheduler
+                logger.exception("a watchdog deadline failed")
+        return len(fns)
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's threads (and the calls its cuts guard) do not exist in a child."""
+        self._lock = threading.Lock()
+        self._cuts_lock = threading.Lock()
+        self._cuts = []
+        self._cuts_compact_at = CUTS_COMPACT_MIN
+        self._sleeping_until = -math.inf
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -134,6 +206,9 @@ class Scheduler:
                 self._schedule(task, now)
 
     def next_deadline(self) -> float | None:
+        """The earliest deadline, of a task or a cut (None: nothing scheduled)."""
+        with self._cuts_lock:
+            cut = self._next_cut_locked()
         with self._lock:
             while self._heap:
                 due, _, task = self._heap[0]
@@ -141,8 +216,8 @@ class Scheduler:
                     heapq.heappop(self._heap)  # stale: moved or cancelled
                     self._stale = max(0, self._stale - 1)
                     continue
-                return due
-            return None
+                return due if cut is None else min(due, cut)
+            return cut
 
     def heap_size(self) -> int:
         """Entries on the heap, stale ones included (O(live tasks), see the invariants)."""
@@ -153,10 +228,12 @@ class Scheduler:
 
     def run_due(self, now: float | None = None) -> int:
         """Run, once each, the tasks due at ``now`` (default: the clock's now). Returns how many
-        ran. A task that asks to run again at once runs in the next call, not this one."""
+        ran (cuts included). A task that asks to run again at once runs in the next call, not
+        this one. Cuts run first: they are the deadlines that must not be late."""
         self._drain_requests()
         if now is None:
             now = self.clock.monotonic()
+        ran = self._run_cuts(now)
         due_tasks: list[Task] = []
         with self._lock:
             while self._heap and self._heap[0][0] <= now:
@@ -168,7 +245,7 @@ class Scheduler:
                 due_tasks.append(task)
         for task in due_tasks:
             self._run_one(task, now)
-        return len(due_tasks)
+        return ran + len(due_tasks)
 
     def _run_one(self, task: Task, now: float) -> None:
         try:

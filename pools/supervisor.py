@@ -8,8 +8,9 @@ object weakly): a pool or registry that is closed or garbage-collected leaves th
 
 The thread never does blocking I/O: the blocking work a task decides on (connects, DNS
 queries, closes) goes to ``submit_io``, short-lived I/O worker threads bounded per host and in
-total (see workers.py); the watchdog's deadlines, which only shut a socket down, stay here. A
-hanging host therefore delays nothing but its own pool's work.
+total (see workers.py); the watchdog's deadlines (``watch``: a heap push per guarded query or
+ping, a cancel is one store), which only shut a socket down, are kept here too: there is no
+other timer thread. A hanging host therefore delays nothing but its own pool's work.
 
 Tests build their own ``Supervisor(clock=FakeClock(), start=False)`` and step it with
 ``run_due()``; its I/O runs inline in the stepping thread, so nothing runs behind their back.
@@ -23,7 +24,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from .clock import REAL_CLOCK, Clock
 from .sched import Scheduler, Task
@@ -110,18 +111,15 @@ class Supervisor:
         task's current deadline. Lock-free (see Scheduler.request_by)."""
         self.scheduler.request_by(task, deadline)
 
-    def watch(self, deadline: float, fn: Callable[[], None]) -> Task:
-        """Call ``fn`` at ``deadline`` (on the supervisor's clock) unless the task is cancelled
-        first: the watchdog of pings. Wakes the thread so it sees the new deadline."""
-
-        def run(now: float) -> float | None:
-            fn()
-            return None
-
-        task = self.scheduler.add(Task("watchdog", run), deadline)
-        self.scheduler.wake_for(deadline)
+    def watch(self, deadline: float, fn: Callable[[], None]) -> list[Any]:
+        """Call ``fn`` (instant: the watchdog's cut of a socket) at ``deadline`` (on the
+        supervisor's clock) unless :meth:`unwatch` is called first; returns the handle. The
+        cheap kind of deadline (see Scheduler.at): a heap push, and a cancel is one store."""
+        handle = self.scheduler.at(deadline, fn)
         self._maybe_start()
-        return task
+        return handle
+
+    unwatch = staticmethod(Scheduler.uncut)
 
     def unregister(self, task: Task) -> None:
         self.scheduler.cancel(task)
@@ -186,7 +184,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._pid = os.getpid()
-        self.scheduler._lock = threading.Lock()
+        self.scheduler._after_fork_in_child()
         if isinstance(self.io, IOWorkers):
             self.io._after_fork_in_child()
 

@@ -1,10 +1,10 @@
 """The watchdog: deadlines on round trips that nothing in libpq bounds.
 
 A query (or a ping) on a frozen server hangs forever: its kernel still acknowledges, so no TCP
-timeout fires. The watchdog gives each one a deadline (on the process's deadline thread,
-``pools.deadlines``; on the supervisor for a pool on a fake clock); at the deadline, if it
-still runs, its socket is shut down (the blocked read returns at once with an error) and the
-address is banned.
+timeout fires. The watchdog gives each one a deadline on the pool's supervisor (the cheap kind,
+``Supervisor.watch``: one heap push, and a cancel is one store); at the deadline, if it still
+runs, its socket is shut down (the blocked read returns at once with an error) and the address
+is banned.
 
 ``query_timeout`` is kept by the server first: every connection starts with
 ``statement_timeout`` set to it (in libpq's ``options``, so ``RESET``/``DISCARD ALL`` keep it),
@@ -39,7 +39,6 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .clock import Clock, RealClock
-from .deadlines import DEADLINES, Deadlines
 from .stats import summarise_error
 from .supervisor import Supervisor
 
@@ -147,20 +146,19 @@ class Watchdog:
         self.label_of = label_of
         self.ping_timeout = ping_timeout
         self.query_timeout = query_timeout
-        self._real_time = isinstance(clock, RealClock)
+        # the hot path's own references: the clock's now and the supervisor's cut
+        self._now: Callable[[], float] = (
+            time.monotonic if isinstance(clock, RealClock) else clock.monotonic)
+        self._at = supervisor.scheduler.at
         # the server enforces query_timeout itself (statement_timeout): the cut waits a grace
         self.server_side = False
 
     def _watch(self, limit_s: float, fn: Callable[[], None]) -> Any:
-        if self._real_time:
-            return DEADLINES.watch(time.monotonic() + limit_s, fn)
-        return self.supervisor.watch(self.clock.monotonic() + limit_s, fn)
+        return self._at(self._now() + limit_s, fn)
 
-    def _unwatch(self, handle: Any) -> None:
-        if self._real_time:
-            Deadlines.cancel(handle)
-        else:
-            self.supervisor.unregister(handle)
+    @staticmethod
+    def _unwatch(handle: Any) -> None:
+        handle[2] = None  # (Scheduler.uncut, inlined)
 
     # -- connections under the query watchdog ---------------------------------------------------
 
@@ -239,21 +237,13 @@ class Watchdog:
         if not limit or conn.closed:
             return method(cursor, *args, **kwargs)
         guard = PingGuard(conn)
-        if self._real_time:
-            handle: Any = DEADLINES.watch(
-                time.monotonic() + (limit + QUERY_GRACE_S if self.server_side else limit),
-                guard.expire)
-        else:
-            handle = self._watch(limit + QUERY_GRACE_S if self.server_side else limit,
-                                 guard.expire)
+        handle = self._at(
+            self._now() + (limit + QUERY_GRACE_S if self.server_side else limit), guard.expire)
         try:
             return method(cursor, *args, **kwargs)
         finally:
             guard.finish()
-            if self._real_time:
-                handle[2] = None  # (Deadlines.cancel, inlined)
-            else:
-                self._unwatch(handle)
+            handle[2] = None  # (Scheduler.uncut, inlined)
             if guard.expired:
                 self._query_cut(conn, limit)
 

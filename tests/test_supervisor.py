@@ -362,3 +362,96 @@ def test_a_thousand_registries_leave_no_trace(pg_server, tmp_path, real_supervis
     finally:
         quiet.setLevel(level)
         lasting.close()
+
+
+# -- the watchdog's deadlines (cuts) on the one supervisor ---------------------------------------
+
+
+def test_cuts_run_when_due_and_a_cancelled_one_never_does():
+    clock = FakeClock()
+    sup = Supervisor(clock=clock, start=False)
+    fired: list[str] = []
+    a = sup.watch(clock.monotonic() + 1.0, lambda: fired.append("a"))
+    b = sup.watch(clock.monotonic() + 2.0, lambda: fired.append("b"))
+    assert sup.scheduler.next_deadline() == clock.monotonic() + 1.0
+    Supervisor.unwatch(a)  # one store: no lock, no search
+    assert sup.scheduler.next_deadline() == clock.monotonic() + 2.0
+    clock.advance(1.5)
+    assert sup.run_due() == 0 and fired == []
+    clock.advance(1.0)
+    assert sup.run_due() == 1 and fired == ["b"]
+    Supervisor.unwatch(b)  # (after it ran: harmless)
+    assert sup.scheduler.next_deadline() is None and sup.scheduler.cuts_size() == 0
+
+
+def test_cancelled_cuts_do_not_pile_up():
+    """One cut per query, cancelled when it ends: the heap stays O(cuts live), not O(queries
+    within the timeout)."""
+    clock = FakeClock()
+    sched = Scheduler(clock)
+    live = [sched.at(clock.monotonic() + 30.0, lambda: None) for _ in range(10)]
+    for _ in range(100_000):
+        Scheduler.uncut(sched.at(clock.monotonic() + 30.0, lambda: None))
+    assert sched.cuts_size() < 2 * 1024
+    assert all(item in sched._cuts for item in live)
+
+
+def test_a_cut_fires_on_the_supervisor_thread_even_when_it_sleeps_toward_a_later_deadline(
+        real_supervisor):
+    sup = real_supervisor
+    sup.add_task("far", lambda now: now + 3600.0, due=time.monotonic() + 3600.0)
+    assert wait_until(lambda: sup.scheduler._sleeping_until > time.monotonic() + 1.0,
+                      timeout=5.0)  # the thread sleeps (up to its longest nap)
+    fired = threading.Event()
+    where: list[str] = []
+    cancelled: list[str] = []
+
+    def cut() -> None:
+        where.append(threading.current_thread().name)
+        fired.set()
+
+    t0 = time.monotonic()
+    Supervisor.unwatch(sup.watch(t0 + 0.1, lambda: cancelled.append("x")))
+    sup.watch(t0 + 0.2, cut)
+    assert fired.wait(5.0)
+    took = time.monotonic() - t0
+    print(f"\nRELIABILITY: a 0.2 s cut fired after {took:.3f} s")
+    assert took < 0.2 + 0.5
+    assert where == ["pgregistry-supervisor"] and cancelled == []
+
+
+def test_pools_with_query_timeout_run_on_the_supervisor_and_io_workers_only(make_pool):
+    """The thread model: the watchdog keeps its deadlines on the process's one supervisor; no
+    timer thread of its own (``pgregistry-deadlines`` is gone)."""
+    before = {t.ident for t in threading.enumerate()}
+    pools = [make_pool(supervisor=None, minconn=2, maxconn=3, query_timeout=1, ping_timeout=1,
+                       test_on_borrow=True) for _ in range(2)]
+    seen: set[str] = set()
+    errors: list[BaseException] = []
+
+    def load(pool: ConnectionPool) -> None:
+        try:
+            for _ in range(100):
+                with pool.conn() as conn, conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                    cur.execute("SELECT pg_sleep(0.001)")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    callers = [threading.Thread(target=load, args=(p,), name=f"qt-caller-{i}")
+               for i, p in enumerate(pools * 2)]
+    for t in callers:
+        t.start()
+    give_up = time.monotonic() + 60.0
+    while any(t.is_alive() for t in callers) and time.monotonic() < give_up:
+        seen |= {t.name for t in threading.enumerate()
+                 if t.name.startswith("pgregistry") and t.ident not in before}
+        callers[0].join(0.01)  # (a bounded wait on the load, then look again)
+    for t in callers:
+        t.join(10)
+        assert not t.is_alive()
+    assert errors == []
+    names = {t.name for t in threading.enumerate()}
+    assert not any(n.startswith("pgregistry-deadlines") for n in names | seen)
+    assert "pgregistry-supervisor" in names
+    assert seen <= {"pgregistry-supervisor", "pgregistry-io"}, seen
