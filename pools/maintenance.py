@@ -224,6 +224,20 @@ class Maintenance:
 
     # -- prewarm ----------------------------------------------------------------------------
 
+    def resize(self, maxconn: int | float, minconn: int, now: float) -> None:
+        """The pool's new sizes (checked by the caller): waiters are served at once, surplus
+        idle connections closed now (checked-out ones on return), then a step."""
+        bag = self.bag
+        with bag.lock:
+            bag.maxconn = maxconn
+            bag.minconn = minconn
+            if not bag.closed:
+                bag.cap = maxconn
+            bag.grant_permits_locked()
+        logger.info("pool %s: resized to minconn=%s maxconn=%s", bag.name, minconn, maxconn)
+        self.reap(now, reap_idle=False)
+        self.wake()
+
     def maybe_prewarm(self, now: float) -> bool:
         """Start one connect (on an I/O worker) if the pool is below ``minconn`` and not
         backing off, and no connect is under way. Returns whether it started one."""

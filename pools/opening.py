@@ -222,6 +222,16 @@ class Opener:
 
     # -- closing --------------------------------------------------------------------------------
 
+    def close_idle(self, reason: str) -> int:
+        """Take every idle connection off the books (in one locked step) and close it, with
+        ``reason`` for the counters. Returns how many."""
+        bag = self.bag
+        with bag.lock:
+            conns = [(e, bag.forget_locked(e)) for e in bag.drain_idle_locked()]
+        for e, conn in conns:
+            self.close(e, conn, reason)
+        return len(conns)
+
     def close(self, e: Entry, conn: Connection | None, reason: str) -> None:
         """Close one connection that is out of the books. Never under the lock."""
         bag = self.bag

@@ -10,6 +10,7 @@ The pool is a facade over small parts, each one concept with its invariants at i
 - ``roles``: the writer guard, servers that change role;
 - ``watchdog``: deadlines on pings and queries a frozen server would hang;
 - ``stats``: counters, the stats snapshot, error text; ``fork``: after ``fork()``.
+- ``settings``: checks, ``retune``, what the hot path needs from the settings.
 
 The parts talk through the bag (the shared state, changed only under its lock) and through
 callbacks the pool wires here; none imports the pool. ``getconn`` and ``putconn`` are the bag's
@@ -29,7 +30,7 @@ from typing import Any
 
 import psycopg2.extensions as ext
 
-from .addresses import DEFAULT_MEMBERSHIP_WINDOW_S, check_membership_window
+from .addresses import DEFAULT_MEMBERSHIP_WINDOW_S
 from .bag import Bag
 from .checkout import Checkout
 from .clock import REAL_CLOCK, Clock, RealClock
@@ -48,12 +49,12 @@ from .roles import READ_ONLY_SQLSTATE, RoleGuard, server_role
 from .settings import (
     LIVE_SETTINGS,
     Setting,
+    apply_checkout_settings,
     check_arguments,
-    check_non_negative,
-    check_reuse,
     check_sizes,
+    retune,
 )
-from .stats import WAIT_BUCKETS_S, address_stats, books_stats_locked, dns_stats
+from .stats import WAIT_BUCKETS_S, pool_stats
 from .supervisor import Supervisor, get_supervisor
 from .timing import TimingListener, Timings
 from .watchdog import Watchdog
@@ -293,19 +294,11 @@ class ConnectionPool:
     # -- wiring -------------------------------------------------------------------------------
 
     def _apply_checkout_settings(self) -> None:
-        """What the hot path needs from test_on_borrow, validation_bypass, role and leak
-        detection (then every idle connection's fresh_until is recomputed)."""
-        bag = self._bag
-        bag.ping_after = self._validation_bypass if self._test_on_borrow else math.inf
-        bag.always_slow = (self._role != "any" or bool(self._leak_threshold)
-                           or bag.timings is not None)
-        restorer = self._restorer
-        # every return takes the slow path for a reset, a role check, DISCARD ALL or timings
-        bag.return_hooks = (restorer.reset is not None or restorer.role_changed is not None
-                            or self._recycle == "clean" or bag.timings is not None)
-        bag.on_slow_checkout = self._maintenance.note_checkout if self._leak_threshold else None
-        self._maintenance.leak_threshold = self._leak_threshold
-        bag.refresh_fresh_until()
+        """What the hot path needs from the settings (see ``settings.apply_checkout_settings``)."""
+        apply_checkout_settings(
+            self._bag, self._restorer, self._maintenance, role=self._role, recycle=self._recycle,
+            ping_after=self._validation_bypass if self._test_on_borrow else math.inf,
+            leak_threshold=self._leak_threshold)
 
     # -- timing listeners (metrics) ---------------------------------------------------------
 
@@ -491,36 +484,9 @@ class ConnectionPool:
     def retune(self, **settings: Any) -> None:
         """Apply settings in place (sizes, timeouts, reuse order, placement, bans...). A new
         ``lifetime_timeout`` applies to connections opened from now on. Raises ``ValueError``
-        for a setting that is connection identity, or a negative value."""
-        unknown = set(settings) - self.LIVE_SETTINGS
-        if unknown:
-            raise ValueError(f"cannot change {sorted(unknown)} on a running pool")
-        maxconn = settings.pop("maxconn", self.maxconn)
-        minconn = settings.pop("minconn", self.minconn)
-        check_non_negative(**{k: v for k, v in settings.items()
-                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        book = self._connector.book
-        if "placement" in settings:
-            book.set_placement(settings.pop("placement"))
-        if "address_ban" in settings or "address_ban_max" in settings:
-            book.set_bans(settings.pop("address_ban", book.ban_initial),
-                          settings.pop("address_ban_max", book.ban_max))
-        if "reuse" in settings:
-            reuse = settings.pop("reuse")
-            check_reuse(reuse)
-            self._bag.set_reuse(reuse == "fifo")
-        settings.pop("background_prewarm", None)  # only meaningful at start
-        recycle = settings.pop("recycle", self.recycle)
-        if "dns_membership_window" in settings:
-            check_membership_window(settings["dns_membership_window"])
-        for key, value in settings.items():
-            setattr(self, key, value)
-        self.recycle = recycle  # last: a recycle mode decides test_on_borrow
-        if (maxconn, minconn) != (self.maxconn, self.minconn):
-            self.resize(maxconn, minconn)
-        else:
-            self._supervisor.request(self._task)
-        logger.info("pool %s: retuned %s", self.name, sorted(settings) or "sizes")
+        for a setting that is connection identity, or a negative value (see
+        ``settings.retune``)."""
+        retune(self, self._bag, self._connector.book, self._wake, settings)
 
     def set_credentials(self, **source: Any) -> None:
         """New connections' password source from now on (``Credentials``' keywords)."""
@@ -547,29 +513,15 @@ class ConnectionPool:
     def clear_idle(self, reason: str = "cleared") -> int:
         """Close every idle connection now, whatever ``minconn`` says (the supervisor refills
         to ``minconn`` afterwards). Returns how many were closed."""
-        bag = self._bag
-        with bag.lock:
-            conns = [(e, bag.forget_locked(e)) for e in bag.drain_idle_locked()]
-        for e, conn in conns:
-            self._opener.close(e, conn, reason)
-        return len(conns)
+        return self._opener.close_idle(reason)
 
     def resize(self, maxconn: int | float, minconn: int | None = None) -> None:
         """Change the sizes live. Growing serves waiters at once; shrinking closes surplus idle
         connections now and surplus checked-out ones on return. Raises ``ValueError`` for
         sizes ``ConnectionPool`` would refuse."""
-        bag = self._bag
-        new_min = bag.minconn if minconn is None else minconn
+        new_min = self._bag.minconn if minconn is None else minconn
         check_sizes(new_min, maxconn)
-        with bag.lock:
-            bag.maxconn = maxconn
-            bag.minconn = new_min
-            if not bag.closed:
-                bag.cap = maxconn
-            bag.grant_permits_locked()
-        logger.info("pool %s: resized to minconn=%s maxconn=%s", self.name, new_min, maxconn)
-        self._maintenance.reap(self._clock.monotonic(), reap_idle=False)
-        self._supervisor.request(self._task)
+        self._maintenance.resize(maxconn, new_min, self._clock.monotonic())
 
     def close(self) -> None:
         """Close the pool: idle connections now, checked-out ones when they come back. Waiters
@@ -604,23 +556,9 @@ class ConnectionPool:
 
     def stats(self) -> dict[str, Any]:
         """Sizes and counters: a snapshot taken under the lock."""
-        bag = self._bag
-        with bag.lock:
-            if bag.orphans:
-                bag.collect_orphans_locked()
-            now = self._clock.monotonic()
-            out = books_stats_locked(bag)
-            out.update({
-                "placement": self._connector.placement,
-                "role": self._role,
-                "role_changes": self._roles.changes,
-                "addresses": address_stats(self._connector.book.snapshot(now),
-                                           bag.entries.values()),
-                "dns": dns_stats(self._connector, now),
-                "recycle": self._recycle,
-                "max_replica_lag": self.max_replica_lag,
-                **self._connector.discovery_stats(),
-            })
+        out = pool_stats(self._bag, self._connector, self._clock.monotonic, role=self._role,
+                         role_changes=self._roles.changes, recycle=self._recycle,
+                         max_replica_lag=self.max_replica_lag)
         out["listeners"] = self._dedicated.stats()
         return out
 

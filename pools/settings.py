@@ -12,19 +12,32 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from .addresses import AddressBook, check_membership_window
 from .roles import ROLES
+
+if TYPE_CHECKING:
+    from .bag import Bag
+    from .maintenance import Maintenance
+    from .pool import ConnectionPool
+    from .returning import Restorer
 
 __all__ = [
     "LIVE_SETTINGS",
     "Setting",
+    "apply_checkout_settings",
     "check_arguments",
     "check_non_negative",
     "check_reuse",
     "check_sizes",
+    "retune",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Settings a running pool takes in place; everything else is connection identity.
 LIVE_SETTINGS = frozenset({
@@ -112,3 +125,58 @@ def check_non_negative(**values: float | None) -> None:
 def check_reuse(reuse: str) -> None:
     if reuse not in ("fifo", "lifo"):
         raise ValueError(f"reuse must be 'fifo' or 'lifo', got {reuse!r}")
+
+
+def retune(pool: ConnectionPool, bag: Bag, book: AddressBook, wake: Callable[[], None],
+           settings: dict[str, Any]) -> None:
+    """Apply live ``settings`` to ``pool`` in place (``ConnectionPool.retune``): the address
+    book's placement and bans, the bag's reuse order, then each setting by name (through its
+    ``Setting``), ``recycle`` last (it decides ``test_on_borrow``), and the sizes through
+    ``pool.resize``. Raises ``ValueError`` for a setting not in :data:`LIVE_SETTINGS` or a
+    negative value, before anything changes. ``wake`` asks for a maintenance step."""
+    unknown = set(settings) - pool.LIVE_SETTINGS
+    if unknown:
+        raise ValueError(f"cannot change {sorted(unknown)} on a running pool")
+    settings = dict(settings)
+    maxconn = settings.pop("maxconn", pool.maxconn)
+    minconn = settings.pop("minconn", pool.minconn)
+    check_non_negative(**{k: v for k, v in settings.items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if "placement" in settings:
+        book.set_placement(settings.pop("placement"))
+    if "address_ban" in settings or "address_ban_max" in settings:
+        book.set_bans(settings.pop("address_ban", book.ban_initial),
+                      settings.pop("address_ban_max", book.ban_max))
+    if "reuse" in settings:
+        reuse = settings.pop("reuse")
+        check_reuse(reuse)
+        bag.set_reuse(reuse == "fifo")
+    settings.pop("background_prewarm", None)  # only meaningful at start
+    recycle = settings.pop("recycle", pool.recycle)
+    if "dns_membership_window" in settings:
+        check_membership_window(settings["dns_membership_window"])
+    for key, value in settings.items():
+        setattr(pool, key, value)
+    pool.recycle = recycle  # last: a recycle mode decides test_on_borrow
+    if (maxconn, minconn) != (pool.maxconn, pool.minconn):
+        pool.resize(maxconn, minconn)
+    else:
+        wake()
+    logger.info("pool %s: retuned %s", pool.name, sorted(settings) or "sizes")
+
+
+def apply_checkout_settings(bag: Bag, restorer: Restorer, maintenance: Maintenance, *,
+                            ping_after: float, leak_threshold: float | None, role: str,
+                            recycle: str | None) -> None:
+    """What the hot path needs from the settings: ``ping_after`` (seconds since return past
+    which a checkout pings; ``inf``: never), whether every checkout takes the slow path (a
+    role, leak detection, timings) and every return (a reset, a role check, ``recycle``
+    ``clean``, timings), and leak detection's hooks; then every idle connection's
+    ``fresh_until`` is recomputed."""
+    bag.ping_after = ping_after
+    bag.always_slow = role != "any" or bool(leak_threshold) or bag.timings is not None
+    bag.return_hooks = (restorer.reset is not None or restorer.role_changed is not None
+                        or recycle == "clean" or bag.timings is not None)
+    bag.on_slow_checkout = maintenance.note_checkout if leak_threshold else None
+    maintenance.leak_threshold = leak_threshold
+    bag.refresh_fresh_until()

@@ -13,7 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .addresses import dns_source
@@ -31,6 +31,7 @@ __all__ = [
     "address_stats",
     "books_stats_locked",
     "dns_stats",
+    "pool_stats",
     "closed_error",
     "summarise_error",
     "timeout_error",
@@ -225,4 +226,22 @@ def books_stats_locked(bag: Bag) -> dict[str, Any]:
         "closed": bag.closed,
     }
     out.update(bag.counters.snapshot(bag.checkouts_locked()))
+    return out
+
+
+def pool_stats(bag: Bag, connector: Connector, now: Callable[[], float],
+               **rows: Any) -> dict[str, Any]:
+    """``ConnectionPool.stats()``: one snapshot under the bag's lock (garbage-collected
+    checkouts counted first): the books, placement, ``rows`` (the pool's own: role,
+    recycle...), each address's connections, the DNS names, and discovery."""
+    with bag.lock:
+        if bag.orphans:
+            bag.collect_orphans_locked()
+        t = now()
+        out = books_stats_locked(bag)
+        out["placement"] = connector.placement
+        out.update(rows)
+        out["addresses"] = address_stats(connector.book.snapshot(t), bag.entries.values())
+        out["dns"] = dns_stats(connector, t)
+        out.update(connector.discovery_stats())
     return out
