@@ -19,15 +19,14 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any
 
 import psycopg2.extensions
 
+from .handle import Fallbacks, PoolHandle
 from .pools import (
-    ConnectError,
     ConnectionPool,
-    PoolClosed,
     PoolError,
     Supervisor,
     get_supervisor,
@@ -35,7 +34,6 @@ from .pools import (
 from .pools.clock import Clock
 from .pools.credentials import Credentials
 from .pools.listener import Listener
-from .pools.pool import READ_ONLY_SQLSTATE
 from .reload import ReloadResult, plan_reload
 from .schemas import ConfigError, PoolConfig, RegistryConfig, load_config
 from .schemas.errors import Problem
@@ -72,114 +70,6 @@ class Generation:
     pools: Mapping[str, ConnectionPool]
 
 
-class _HandleCheckout:
-    """``with registry.get(name).conn() as conn``: returns it to the pool that gave it."""
-
-    __slots__ = ("_handle", "_timeout", "_pool", "_conn")
-
-    def __init__(self, handle: PoolHandle, timeout: float | None) -> None:
-        self._handle = handle
-        self._timeout = timeout
-        self._pool: ConnectionPool | None = None
-        self._conn: Connection | None = None
-
-    def __enter__(self) -> Connection:
-        self._pool, self._conn = self._handle._checkout(self._timeout)
-        return self._conn
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        pool, conn = self._pool, self._conn
-        self._pool = self._conn = None
-        if pool is not None and conn is not None:
-            if exc is not None and getattr(exc, "pgcode", None) == READ_ONLY_SQLSTATE:
-                pool.report_read_only(conn)
-            pool.putconn(conn)
-
-
-class PoolHandle:
-    """A cheap, never-stale reference to a named pool of a registry."""
-
-    __slots__ = ("_registry", "name")
-
-    def __init__(self, registry: Registry, name: str) -> None:
-        self._registry = registry
-        self.name = name
-
-    @property
-    def pool(self) -> ConnectionPool:
-        """The pool serving this name right now."""
-        try:
-            return self._registry._gen.pools[self.name]
-        except KeyError:
-            raise self._registry._unknown(self.name) from None
-
-    def _checkout(self, timeout: float | None) -> tuple[ConnectionPool, Connection]:
-        reg = self._registry
-        while True:
-            gen = reg._gen
-            try:
-                pool = gen.pools[self.name]
-            except KeyError:
-                raise reg._unknown(self.name) from None
-            fallback = reg._fallbacks.get(self.name)
-            if fallback is not None and pool.unreachable():
-                return reg._fall_back(self.name, fallback, timeout, "every address is down")
-            if fallback is not None and pool.replicas_lagging():
-                return reg._fall_back(self.name, fallback, timeout,
-                                      "every replica lags more than max_replica_lag")
-            try:
-                conn = pool.getconn(timeout)
-            except ConnectError as exc:
-                if fallback is None:
-                    raise
-                return reg._fall_back(self.name, fallback, timeout, str(exc))
-            except PoolClosed:
-                # a reload retired this pool between the lookup and the checkout: use its
-                # successor (unless the registry itself is closed, or nothing replaced it)
-                if reg._closed or reg._gen.pools.get(self.name) is pool:
-                    raise
-                continue
-            if fallback is not None and self.name in reg._falling_back:
-                reg._fell_forward(self.name)
-            return pool, conn
-
-    def conn(self, timeout: float | None = None) -> _HandleCheckout:
-        return _HandleCheckout(self, timeout)
-
-    def getconn(self, timeout: float | None = None) -> Connection:
-        return self._checkout(timeout)[1]
-
-    def putconn(self, conn: Connection, close: bool = False) -> None:
-        self._registry._putconn(self.name, conn, close)
-
-    def stats(self) -> dict[str, Any]:
-        s = self.pool.stats()
-        fb = self._registry._fallback_stats(self.name)
-        if fb is not None:
-            s["fallback"] = fb
-        return s
-
-    def status(self) -> dict[str, int | float]:
-        return self.pool.status()
-
-    def listener(self, **kwargs: Any) -> Listener:
-        """A :class:`~pgregistry.pools.listener.Listener` on a dedicated connection of the pool
-        behind this name, outside its ``maxconn``. It follows the name: after a reload that
-        replaces the pool it moves to the new one (reporting a gap); a reload that removes the
-        name, or closing the registry, closes it. Keywords: those of ``Listener``
-        (``on_notify``, ``on_reconnect``, ``reconnect_backoff``, ...). Raises
-        :class:`ConnectError` if it cannot connect now."""
-        return self._registry._new_listener(self, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<PoolHandle {self.name!r}>"
-
-
 class Registry:
     """Pools by name, from a :class:`RegistryConfig` (usually via :meth:`from_yaml`)."""
 
@@ -211,15 +101,11 @@ class Registry:
         self._last_reload_at: float | None = None
         self._last_reload_error: str | None = None
         self._last_result: ReloadResult | None = None
-        # fallbacks: name -> the pool to serve from while it cannot connect anywhere
-        self._fallbacks: dict[str, str] = {}
-        self._falling_back: dict[str, dict[str, Any]] = {}
-        self._fallback_checkouts: dict[str, int] = {}
-        self._fallback_lock = threading.Lock()
+        self._fallbacks = Fallbacks()
         self._pool_observers: list[Callable[[ConnectionPool], None]] = []
         pools = self._build_all(config, config.pools)
         self._gen = Generation(1, config, MappingProxyType(pools))
-        self._fallbacks = self._fallbacks_of(config)
+        self._fallbacks.configure(config)
         self._reload_task = self._supervisor.add_task(
             f"registry {self._path or id(self)}", self._maintain, due=float("inf")
         )
@@ -318,58 +204,13 @@ class Registry:
             raise self._unknown(name)
         current.putconn(conn, close)  # raises the pool's own precise error
 
-    # -- fallback ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _fallbacks_of(config: RegistryConfig) -> dict[str, str]:
-        return {name: pc.fallback for name, pc in config.pools.items()
-                if pc.fallback is not None and pc.fallback in config.pools}
-
-    def _fall_back(
-        self, name: str, to: str, timeout: float | None, why: str
-    ) -> tuple[ConnectionPool, Connection]:
-        """Serve ``name`` from ``to`` (one level: a fallback's own fallback is not followed)."""
-        pool = self._gen.pools[to]
-        conn = pool.getconn(timeout)
-        with self._fallback_lock:
-            state = self._falling_back.get(name)
-            if state is None:
-                state = self._falling_back[name] = {"to": to, "since": time.time(),
-                                                    "checkouts": 0, "why": why}
-                logger.warning("registry: pool %s cannot serve (%s): serving it from %s",
-                               name, why, to)
-            state["checkouts"] += 1
-            self._fallback_checkouts[name] = self._fallback_checkouts.get(name, 0) + 1
-        return pool, conn
-
-    def _fell_forward(self, name: str) -> None:
-        with self._fallback_lock:
-            state = self._falling_back.pop(name, None)
-        if state is not None:
-            logger.warning("registry: pool %s serves again (after %.1f s and %d checkouts from %s)",
-                           name, time.time() - state["since"], state["checkouts"], state["to"])
-
-    def _fallback_stats(self, name: str) -> dict[str, Any] | None:
-        to = self._fallbacks.get(name)
-        if to is None:
-            return None
-        state = self._falling_back.get(name)
-        return {
-            "to": to,
-            "active": state is not None,
-            "since": (_dt.datetime.fromtimestamp(state["since"], _dt.timezone.utc).isoformat()
-                      if state else None),
-            "reason": state["why"] if state else None,
-            "checkouts": self._fallback_checkouts.get(name, 0),
-        }
-
     def stats(self) -> dict[str, Any]:
         """``{pool name: pool.stats()}``, plus ``"_registry"``: generation, reloads, the last
         reload's time, result and error, and pools still draining."""
         gen = self._gen
         out: dict[str, Any] = {name: pool.stats() for name, pool in gen.pools.items()}
         for name, s in out.items():
-            fb = self._fallback_stats(name)
+            fb = self._fallbacks.stats(name)
             if fb is not None:
                 s["fallback"] = fb
             listeners = self._listeners_of(name)
@@ -511,7 +352,7 @@ class Registry:
             if plan.dns_changed:
                 pool.set_dns(dns)
         pools = {name: built.get(name) or old.pools[name] for name in config.pools}
-        self._fallbacks = self._fallbacks_of(config)
+        self._fallbacks.configure(config)
         self._gen = Generation(old.number + 1, config, MappingProxyType(pools))
         for name in plan.replaced + plan.removed:
             self._drain(old.pools[name])
