@@ -4,18 +4,18 @@
 failure as text only: psycopg2 has no SQLSTATE for it). :func:`bounded_connect` opens one
 connection within a caller's deadline: libpq's ``connect_timeout`` counts whole seconds (0.05 s
 becomes 1 s), so a deadline closer than ``connect_timeout`` is given to libpq in the whole
-seconds that end before it, and under one second the connect runs on a worker thread (reused,
-see ``_Workers``) and the caller waits for it only until its deadline; a
-connection that arrives later is closed by that thread, and :class:`PendingConnect` says when
-its socket is gone (so a pool can keep the slot counted until then: ``maxconn`` holds for
-sockets). libpq's own timeout (1 s) still ends the worker's connect soon after.
+seconds that end before it, and under one second the connect runs on an I/O worker of the
+process's supervisor (``IOWorkers.start_now``: at once, outside the per-host bounds) and the
+caller waits for it only until its deadline; a connection that arrives later is closed by that
+thread, and :class:`PendingConnect` says when its socket is gone (so a pool can keep the slot
+counted until then: ``maxconn`` holds for sockets). libpq's own timeout (1 s) still ends the
+worker's connect soon after.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable
@@ -23,6 +23,8 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
+
+from .supervisor import get_supervisor
 
 __all__ = ["DeadlinePassed", "PendingConnect", "bounded_connect", "classify", "first_line"]
 
@@ -134,7 +136,9 @@ class PendingConnect:
         self._callbacks: list[Callable[[], None]] = []
 
     def start(self) -> None:
-        _WORKERS.run(self._run)
+        """Start the connect at once on an I/O worker of the process's supervisor (the
+        unbounded class: it queues behind no host's work)."""
+        get_supervisor().io_now("connect", self._run)
 
     def _run(self) -> None:
         conn: Connection | None = None
@@ -208,76 +212,6 @@ class PendingConnect:
         fn()
 
 
-class _Worker:
-    """A daemon thread that runs the jobs it is given, one at a time; it leaves after
-    ``IDLE_EXIT_S`` without one."""
-
-    IDLE_EXIT_S = 30.0
-
-    def __init__(self, owner: _Workers) -> None:
-        self.owner = owner
-        self.job: Callable[[], None] | None = None
-        self.signal = _allocate_lock()
-        self.signal.acquire()
-        self.thread = threading.Thread(target=self._loop, name="pgregistry-connect",
-                                       daemon=True)
-
-    def give(self, job: Callable[[], None]) -> None:
-        self.job = job
-        self.signal.release()
-
-    def _loop(self) -> None:
-        while True:
-            if not self.signal.acquire(True, self.IDLE_EXIT_S):
-                if self.owner.retire(self):
-                    return
-                self.signal.acquire()  # a job was given meanwhile
-            job, self.job = self.job, None
-            if job is not None:
-                try:
-                    job()
-                except Exception:  # noqa: BLE001 - a worker never dies of a job
-                    logger.exception("a connect worker's job failed")
-            self.owner.idle(self)
-
-
-class _Workers:
-    """The connect workers of the process: reused, so a caller's bounded connect starts no
-    thread once one is warm."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle: list[_Worker] = []
-        self._pid = os.getpid()
-
-    def run(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's threads are not here
-                self._idle, self._pid = [], os.getpid()
-            worker = self._idle.pop() if self._idle else None
-        if worker is None:
-            worker = _Worker(self)
-            worker.give(job)
-            worker.thread.start()
-        else:
-            worker.give(job)
-
-    def idle(self, worker: _Worker) -> None:
-        with self._lock:
-            self._idle.append(worker)
-
-    def retire(self, worker: _Worker) -> bool:
-        """An idle worker wants to leave: True if it may (no job was given to it)."""
-        with self._lock:
-            if worker in self._idle:
-                self._idle.remove(worker)
-                return True
-            return False
-
-
-_WORKERS = _Workers()
-
-
 def bounded_connect(kwargs: dict[str, Any], factory_kwargs: dict[str, Any],
                     connect_timeout_s: int, remaining_s: float | None) -> Connection:
     """``psycopg2.connect(**kwargs)`` within ``connect_timeout_s`` (whole seconds, 0: none)
@@ -292,7 +226,11 @@ def bounded_connect(kwargs: dict[str, Any], factory_kwargs: dict[str, Any],
         return psycopg2.connect(**kwargs, **factory_kwargs)  # type: ignore[no-any-return]
     kwargs["connect_timeout"] = "1"
     job = PendingConnect(kwargs, factory_kwargs)
-    job.start()
+    try:
+        job.start()
+    except BaseException:  # (an interrupt while the worker starts: what it opens is closed)
+        job.abandon()
+        raise
     conn = job.wait(remaining_s)
     if conn is None:
         raise DeadlinePassed(f"timeout expired: the caller's deadline passed after "

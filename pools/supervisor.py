@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from .clock import REAL_CLOCK, Clock
 from .sched import Scheduler, Task
+from .workers import THREAD_NAME as THREAD_NAME_IO
 from .workers import Inline, IORunner, IOWorkers
 
 __all__ = ["Supervisor", "get_supervisor", "Maintained"]
@@ -96,6 +97,16 @@ class Supervisor:
         an I/O worker bounded per ``key`` (the host it talks to) and in total; inline on a
         steppable supervisor. The one place a task hands I/O away."""
         self.io.submit(key, fn)
+
+    def io_now(self, key: str, fn: Callable[[], None]) -> None:
+        """Start blocking work at once on an I/O worker, outside the per-host and total bounds
+        (a caller's sub-second connect, whose caller waits for it only until its deadline);
+        on a steppable supervisor, a thread of its own. Raises what ``Thread.start`` raises."""
+        io = self.io
+        if isinstance(io, IOWorkers):
+            io.start_now(key, fn)
+        else:
+            threading.Thread(target=fn, name=THREAD_NAME_IO, daemon=True).start()
 
     def run_io(self, key: str, fn: Callable[[], None]) -> None:
         """Blocking work that may be reached from any thread (a close): submitted to the I/O

@@ -8,6 +8,9 @@ Invariants:
 - At most ``per_key`` jobs of one key run at once, and at most ``max_threads`` threads exist
   in total; jobs beyond either bound wait in FIFO order (never dropped). A host that hangs
   therefore ties up at most ``per_key`` threads, and every other key's jobs go past it.
+- ``start_now`` is the unbounded class: its job starts at once on a new worker thread, outside
+  both bounds (a caller's sub-second connect, which must never queue behind a hanging host's
+  work); the thread then serves the queue like any other and exits when idle.
 - ``submit`` never blocks on I/O (it takes a short lock, may start a thread) and a job that
   raises is logged; nothing a job does can stop the workers.
 - ``Inline`` runs each job at once in the submitting thread: the steppable supervisor of tests
@@ -92,6 +95,20 @@ class IOWorkers:
                 self.started += 1
                 threading.Thread(target=self._loop, name=THREAD_NAME, daemon=True).start()
 
+    def start_now(self, key: str, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` at once on a new I/O worker thread, outside the per-key and total
+        bounds (``key`` only names it in logs). Raises what ``Thread.start`` raises."""
+        with self._lock:
+            self._threads += 1
+            self.started += 1
+        try:
+            threading.Thread(target=self._loop, args=((key, fn),), name=THREAD_NAME,
+                             daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self._threads -= 1
+            raise
+
     def _runnable_locked(self) -> int:
         """Queued jobs that may start now (their key below its bound)."""
         taken: Counter[str] = Counter()
@@ -117,10 +134,13 @@ class IOWorkers:
                 return key, fn
         return None
 
-    def _loop(self) -> None:
+    def _loop(self, first: tuple[str, Callable[[], None]] | None = None) -> None:
+        if first is not None:  # start_now's job: counted in no bound
+            _run(*first)
         lock = self._lock
         lock.acquire()
-        self._starting -= 1
+        if first is None:
+            self._starting -= 1
         try:
             while True:
                 job = self._next_locked()

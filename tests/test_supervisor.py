@@ -422,7 +422,8 @@ def test_a_cut_fires_on_the_supervisor_thread_even_when_it_sleeps_toward_a_later
 
 def test_pools_with_query_timeout_run_on_the_supervisor_and_io_workers_only(make_pool):
     """The thread model: the watchdog keeps its deadlines on the process's one supervisor; no
-    timer thread of its own (``pgregistry-deadlines`` is gone)."""
+    timer thread of its own (``pgregistry-deadlines`` is gone), and a caller's sub-second
+    connect runs on an I/O worker (no ``pgregistry-connect`` threads)."""
     before = {t.ident for t in threading.enumerate()}
     pools = [make_pool(supervisor=None, minconn=2, maxconn=3, query_timeout=1, ping_timeout=1,
                        test_on_borrow=True) for _ in range(2)]
@@ -438,8 +439,19 @@ def test_pools_with_query_timeout_run_on_the_supervisor_and_io_workers_only(make
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
+    def sub_second_connects() -> None:  # a caller's connect with < 1 s left: an I/O worker
+        try:
+            for _ in range(5):
+                pool = make_pool(supervisor=None, minconn=0, maxconn=1, query_timeout=1)
+                conn = pool.getconn(timeout=0.9)
+                pool.putconn(conn, close=True)
+                pool.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
     callers = [threading.Thread(target=load, args=(p,), name=f"qt-caller-{i}")
                for i, p in enumerate(pools * 2)]
+    callers.append(threading.Thread(target=sub_second_connects, name="qt-connects"))
     for t in callers:
         t.start()
     give_up = time.monotonic() + 60.0
@@ -452,6 +464,30 @@ def test_pools_with_query_timeout_run_on_the_supervisor_and_io_workers_only(make
         assert not t.is_alive()
     assert errors == []
     names = {t.name for t in threading.enumerate()}
-    assert not any(n.startswith("pgregistry-deadlines") for n in names | seen)
+    assert not any(n.startswith(("pgregistry-deadlines", "pgregistry-connect"))
+                   for n in names | seen)
     assert "pgregistry-supervisor" in names
     assert seen <= {"pgregistry-supervisor", "pgregistry-io"}, seen
+
+
+def test_a_callers_connect_starts_at_once_beside_a_hanging_hosts_work():
+    """``start_now`` (a caller's sub-second connect) queues behind no key's work and no total
+    bound: with every worker taken by a host that hangs, it still starts at once."""
+    io = workers.IOWorkers(per_key=1, max_threads=1, idle_s=0.5)
+    hang = threading.Event()
+    try:
+        io.submit("frozen-host", hang.wait)
+        io.submit("frozen-host", hang.wait)  # queued behind it
+        assert wait_until(lambda: io.stats()["running"] == 1, timeout=5.0)
+        ran = threading.Event()
+        where: list[str] = []
+        t0 = time.monotonic()
+        io.start_now("connect", lambda: (where.append(threading.current_thread().name),
+                                         ran.set()))
+        assert ran.wait(5.0)
+        assert time.monotonic() - t0 < 1.0
+        assert where == [workers.THREAD_NAME]
+        assert io.stats()["queued"] == 1  # the host's own queue is untouched
+    finally:
+        hang.set()
+    assert wait_until(lambda: io.stats()["threads"] == 0, timeout=10.0)  # all exit when idle
