@@ -18,11 +18,11 @@ opens a connection itself while the pool is below ``maxconn`` (or takes a prewar
 already under way); at ``maxconn`` it waits in a fair FIFO queue (the waiting half of the bag,
 its handoffs and permits, and their invariants: :mod:`pgregistry.pools.waiting`).
 
-The books (under ``lock``): ``size`` = ``len(entries)`` + ``opening`` and never exceeds
-``maxconn`` except while a resize shrinks it; every entry is in exactly one of ``idle``, ``out``
-or in the hands of one thread (being opened, vetted, returned or closed, state RETURNING);
-``entries`` holds every open connection by ``id``, whose weak reference frees the slot of a
-checked-out connection that was garbage-collected (``orphans``).
+The books (under ``lock``): ``size`` counts the slots ``maxconn`` bounds (connections open,
+opening or closing: :mod:`pgregistry.pools.slots`). Every entry is in exactly one of ``idle``,
+``out`` or in the hands of one thread (being opened, vetted, returned or closed, state
+RETURNING); ``entries`` holds every open connection by ``id``, whose weak reference frees the
+slot of a checked-out connection that was garbage-collected (``orphans``).
 
 Interrupts (KeyboardInterrupt, SystemExit, any ``BaseException``) leave the books exact:
 whatever this thread owns when one lands (a popped entry, a reserved slot (:class:`Slot`), a
@@ -52,6 +52,7 @@ import psycopg2.extensions as ext
 
 from .entry import CLOSED, IDLE, IN_USE, RETURNING, Entry
 from .errors import BadConnectionError, PoolError
+from .slots import Slot, Slots
 from .stats import Counters, closed_error
 from .timing import Timings
 from .waiting import Waiter, Waiting
@@ -63,23 +64,11 @@ logger = logging.getLogger(__name__)
 Connection = ext.connection
 
 
-class Slot:
-    """A slot counted in ``size`` for a connect under way, owned by one thread until the
-    connect succeeds (``entry``: the connection entered the books) or fails (the slot freed).
-    ``reserved`` turns false exactly once, under the lock, in plain attribute arithmetic."""
-
-    __slots__ = ("reserved", "entry")
-
-    def __init__(self) -> None:
-        self.reserved = True
-        self.entry: Entry | None = None
-
-
 def _no_vet(e: Entry, conn: Connection, budget_s: float | None) -> bool:
     return True
 
 
-class Bag(Waiting):
+class Bag(Slots, Waiting):
     """The books and the hot path of one pool (see the module docstring for the invariants).
 
     Its fields are the pool's shared state: the pool's collaborators (maintenance,
@@ -106,8 +95,10 @@ class Bag(Waiting):
         self.out: set[Entry] = set()  # checked out (membership is the ownership test)
         self.entries: dict[int, Entry] = {}
         self.waiters: deque[Waiter] = deque()
-        self.size = 0  # open + opening: the number maxconn bounds
+        self.size = 0  # open + opening + closing: the number maxconn bounds
         self.opening = 0
+        # id(entry) -> entry: out of the books, its socket not closed yet (see close_finished)
+        self.closing: dict[int, Entry] = {}
         self.prewarming = 0  # of opening: connects by maintenance, for the pool
         self.sync_prewarm = False  # the constructor is opening minconn itself
         self.closed = False
@@ -250,9 +241,12 @@ class Bag(Waiting):
                     return
                 self.forget_locked(e)
                 self.counters.closed("interrupted")
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        try:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        finally:
+            self.close_finished(e)
         if not close:
             logger.debug("pool %s: interrupted: connection pid=%s discarded", self.name,
                          e.backend_pid)
@@ -489,41 +483,6 @@ class Bag(Waiting):
 
     # -- the books ----------------------------------------------------------------------------
 
-    def reserve_locked(self) -> bool:
-        """Count a slot for a connection about to be opened, if below ``maxconn``."""
-        if self.closed or self.size >= self.maxconn:
-            return False
-        self.size += 1
-        self.opening += 1
-        return True
-
-    def admit_locked(self, e: Entry, slot: Slot | None = None) -> None:
-        """A connection opened for a reserved slot enters the books (owned by its opener, state
-        RETURNING, until it is checked out or released)."""
-        if self.orphans:  # before reusing an id(conn) key an orphan may still hold
-            self.collect_orphans_locked()
-        # (plain attribute arithmetic: no asynchronous exception lands in it)
-        self.opening -= 1
-        self.entries[e.key] = e
-        if slot is not None:
-            slot.reserved = False
-            slot.entry = e
-        self.counters.opened += 1
-
-    def open_failed_locked(self, exc: BaseException, slot: Slot | None = None) -> None:
-        """A reserved slot's connect failed: the slot is free again (once: a ``slot`` already
-        freed is left alone)."""
-        if slot is not None:
-            if not slot.reserved:
-                return
-            slot.reserved = False
-        self.size -= 1
-        self.opening -= 1
-        if isinstance(exc, Exception):  # (an interrupt is no connect error, and its
-            self.counters.connect_errors += 1  # traceback would keep its frames alive)
-            self.counters.last_connect_error = exc
-        self.grant_permits_locked()
-
     def join(self, e: Entry, conn: Connection) -> None:
         """A connection opened by maintenance joins the pool (or is closed, if it closed)."""
         with self.lock:
@@ -557,8 +516,11 @@ class Bag(Waiting):
         connection for the caller to close outside the lock."""
         conn = e.conn if e.conn is not None else (e.wref() if e.wref is not None else None)
         if self.entries.get(e.key) is e:
+            if conn is not None and conn.closed != 1:  # its socket is open: its slot stays
+                self.closing[id(e)] = e  # counted until close_finished (before the del:
+            else:  # an interrupt between the two leaves it counted, never lost)
+                self.size -= 1
             del self.entries[e.key]
-            self.size -= 1
             self.retired_uses += e.uses
             self.forgotten(e)
         self.out.discard(e)
@@ -599,6 +561,7 @@ class Bag(Waiting):
         self.out.clear()
         self.waiters.clear()
         self.orphans.clear()
+        self.closing.clear()
         self.size = self.opening = 0
         self.prewarming = 0  # the parent's in-flight prewarm never lands here
         self.sync_prewarm = False

@@ -203,13 +203,13 @@ class Maintenance:
             for e in sorted(drained, key=lambda x: x.last_used_at):
                 if now >= e.expires_at:
                     reason: str | None = e.doom_reason or "lifetime"
-                elif bag.size > bag.maxconn:
+                elif bag.live_locked() > bag.maxconn:  # (those closing already go)
                     reason = "resize"
                 elif (
                     reap_idle
                     and idle_timeout is not None
                     and now - e.last_used_at >= idle_timeout
-                    and bag.size > bag.minconn
+                    and bag.live_locked() > bag.minconn
                 ):
                     reason = "idle"
                 else:

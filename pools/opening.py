@@ -10,7 +10,8 @@ Invariants:
   ``prefer`` only asks for one. A topology-based address source plugs in behind the connector.
 - ``close`` is the only place a pooled connection is closed. It runs outside the lock, counts
   the reason, and asks for maintenance when the pool fell below ``minconn``; the close itself
-  never runs on the supervisor's thread (``dispose``).
+  never runs on the supervisor's thread (``dispose``). The connection's slot stays counted
+  until the close has returned (``Bag.close_finished``), so ``maxconn`` bounds sockets.
 - Every lifetime is jittered (``lifetime_jitter``), so connections of one burst do not expire
   together.
 """
@@ -21,7 +22,9 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import random
+import select
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +49,10 @@ _TX_IDLE = ext.TRANSACTION_STATUS_IDLE
 
 # Close reasons that mean something went wrong (logged as warnings); the others are routine.
 WARN_REASONS = frozenset({"broken", "validation", "garbage_collected", "reset_failed"})
+
+# How long a close waits for the server to end the backend (its slot stays counted meanwhile,
+# so maxconn holds for the server's backends too); 0 for the closes of a closed pool.
+GONE_WAIT_S = 1.0
 
 
 class Opener:
@@ -233,18 +240,70 @@ class Opener:
         return len(conns)
 
     def close(self, e: Entry, conn: Connection | None, reason: str) -> None:
-        """Close one connection that is out of the books. Never under the lock."""
-        bag = self.bag
-        with bag.lock:
-            bag.counters.closed(reason)
-            below_min = bag.size < bag.minconn and not bag.closed
-        log = logger.warning if reason in WARN_REASONS else logger.debug
-        log("pool %s: closing connection pid=%s to %s (%s)",
-            self.name, e.backend_pid, e.address, reason)
-        if conn is not None:
-            self.dispose(e.address, functools.partial(close_quietly, conn))
-        if below_min:
+        """Close one connection that is out of the books. Never under the lock. Its slot
+        (``Bag.closing``) is freed when the close has returned, on whatever thread runs it
+        (here, or an I/O worker when called on the supervisor's thread), exactly once, also
+        when an interrupt lands anywhere in between."""
+        handed = False
+        try:
+            with self.bag.lock:
+                self.bag.counters.closed(reason)
+            log = logger.warning if reason in WARN_REASONS else logger.debug
+            log("pool %s: closing connection pid=%s to %s (%s)",
+                self.name, e.backend_pid, e.address, reason)
+            if conn is not None:
+                wait_s = 0.0 if reason == "pool_closed" else GONE_WAIT_S
+                self.dispose(e.address, functools.partial(self._close_now, e, conn, wait_s))
+                handed = True
+        finally:
+            if not handed:  # no connection, or interrupted before the close was handed on
+                try:
+                    if conn is not None:
+                        close_quietly(conn)
+                finally:
+                    self._close_finished(e)
+
+    def _close_now(self, e: Entry, conn: Connection, wait_s: float) -> None:
+        try:
+            close_until_gone(conn, wait_s)
+        finally:
+            self._close_finished(e)
+
+    def _close_finished(self, e: Entry) -> None:
+        if self.bag.close_finished(e):  # below minconn: prewarm may go on now
             self.wake()
+
+
+def close_until_gone(conn: Connection, wait_s: float) -> None:
+    """Close ``conn``, then wait (at most ``wait_s`` seconds) until the server has closed its
+    end of the socket: its backend has exited, and left ``pg_stat_activity`` (a backend ends
+    its activity entry before its process exits, PostgreSQL's ``proc_exit``). Returns at
+    once for a connection whose socket is gone (libpq drops the socket of a broken link) or
+    shut down (a cut: ``PingGuard.expire``); a frozen server costs at most ``wait_s``."""
+    fd = -1
+    try:
+        if wait_s > 0 and not conn.closed:
+            with contextlib.suppress(Exception):
+                fd = os.dup(conn.fileno())  # keeps the socket open past libpq's close
+        close_quietly(conn)  # sends Terminate: the backend exits
+        if fd >= 0:
+            _wait_eof(fd, time.monotonic() + wait_s)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _wait_eof(fd: int, deadline: float) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while (left := deadline - time.monotonic()) > 0:
+        if not poller.poll(left * 1000.0):
+            return  # the bound: the server did not close its end in time
+        try:
+            if not os.read(fd, 65536):
+                return  # EOF: the backend is gone
+        except OSError:
+            return  # reset: gone too
 
 
 def close_quietly(conn: Connection) -> None:

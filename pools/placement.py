@@ -154,18 +154,34 @@ class Placement:
             if bag.size < bag.maxconn:
                 bag.size += 1
                 bag.opening += 1
-            elif victim is not None:  # no room to make before break
-                victim_conn = bag.forget_locked(victim)
-                bag.size += 1
-                bag.opening += 1
+            elif victim is not None:  # no room to make before break: break, then make
+                victim_conn = bag.forget_locked(victim)  # (its slot counted until closed)
             else:
                 return True  # at maxconn with nothing idle: the return makes room
-        if victim_conn is not None:
-            self.opener.close(victim, victim_conn, "rebalance")  # type: ignore[arg-type]
-            victim = None  # gone already
         self.moving = True
-        self.submit(self.connector.host_label, lambda: self._move(victim, hi, lo))
+        if victim is not None and victim_conn is not None:
+            broken, conn = victim, victim_conn
+            self.submit(self.connector.host_label,
+                        lambda: self._break_then_make(broken, conn, hi, lo))
+        else:
+            self.submit(self.connector.host_label, lambda: self._move(victim, hi, lo))
         return True
+
+    def _break_then_make(self, victim: Entry, conn: Connection, hi: str, lo: str) -> None:
+        """The move job at ``maxconn`` (an I/O worker): close ``victim`` first (its slot
+        stays counted until the close returns, so the pool never has more than ``maxconn``
+        sockets), then open on ``lo`` if the slot is still free (a waiter comes first)."""
+        reserved = False
+        try:
+            self.opener.close(victim, conn, "rebalance")
+            with self.bag.lock:
+                reserved = self.bag.reserve_locked()
+        finally:
+            if not reserved:
+                self.moving = False
+                self.wake()
+        if reserved:
+            self._move(None, hi, lo)
 
     def _move(self, victim: Entry | None, hi: str, lo: str) -> None:
         """The move job (an I/O worker): open one connection on ``lo`` into the slot reserved,
