@@ -30,6 +30,7 @@ def _sockets_to(host: str, port: int, skip_fd: int = -1,
     descriptors (a dup) counts once."""
     seen: set[str] = set()
     peerless: set[str] = set()
+    fd_of: dict[str, str] = {}
     for fd in os.listdir("/proc/self/fd"):
         if int(fd) == skip_fd:
             continue
@@ -37,6 +38,7 @@ def _sockets_to(host: str, port: int, skip_fd: int = -1,
             link = os.readlink(f"/proc/self/fd/{fd}")
             if not link.startswith("socket:[") or link in seen or link in ignore:
                 continue
+            fd_of[link] = fd
             sock = socket.socket(fileno=os.dup(int(fd)))
         except OSError:
             continue  # closed meanwhile
@@ -57,7 +59,16 @@ def _sockets_to(host: str, port: int, skip_fd: int = -1,
         seen |= peerless & _connecting_to(host, port)
     elif peerless:
         seen |= peerless
-    return seen
+    # A second look: only the sockets still open on the same descriptor count, so all were
+    # open at once (between the two passes), not one closed before another was opened.
+    still: set[str] = set()
+    for link in seen:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd_of[link]}") == link:
+                still.add(link)
+        except OSError:
+            continue
+    return still
 
 
 def _connecting_to(host: str, port: int) -> set[str]:
